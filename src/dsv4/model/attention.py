@@ -1,0 +1,209 @@
+"""Hybrid attention: shared-KV MQA over a sliding window plus (CSA) indexer-selected or (HCA) all visible
+compressed entries, with per-head attention sinks.
+
+No dense [seq, seq] or [seq, n_compressed] tensor is ever built: queries are processed in chunks of
+`query_chunk`; a chunk sees the contiguous raw-KV band it needs (window), the top-k gathered compressed
+entries (CSA) or the compressed entries (HCA, m = 128 makes these few). Memory is
+O(chunk × (window + chunk + top-k)) for sliding/CSA layers and O(chunk × seq/128) for HCA layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..numerics import indexer_roundtrip, kv_roundtrip
+from .compressor import Compressor, CompressorState
+from .layers import Linear, RMSNorm, Rotary, unweighted_rms
+
+NEG_INF = float("-inf")
+
+
+class CacheOverflowError(RuntimeError):
+    """More tokens than the KV cache was allocated for."""
+
+
+@dataclass
+class AttnCache:
+    """Decode state of one attention layer. Buffers are preallocated for `max_len` tokens."""
+    window: torch.Tensor                         # [b, W, d] last raw KV entries, oldest first
+    n_window: int = 0
+    comp: torch.Tensor | None = None             # [b, max_len // m, d] compressed entries
+    n_comp: int = 0
+    comp_state: CompressorState = field(default_factory=CompressorState)
+    idx_keys: torch.Tensor | None = None         # [b, max_len // 4, c_I] indexer keys (CSA)
+    n_idx: int = 0
+    idx_state: CompressorState = field(default_factory=CompressorState)
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: score(t, j) = Σ_h w_{t,h} · ReLU(q_{t,h} · K_j); keeps the top-k visible entries."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk, self.ratio = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, ratio
+        self.official = False
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, fp8_input=True)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads)
+        self.compressor = Compressor(cfg.hidden_size, self.head_dim, ratio, cfg.qk_rope_head_dim, cfg.rms_norm_eps,
+                                     for_indexer=True)
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """-> q [b, L, H, c] (rotated/rounded under official numerics), head weights [b, L, H] fp32."""
+        q = Rotary.apply(self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin)
+        if self.official:
+            q = indexer_roundtrip(q)
+        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        return q, w
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q [b,C,H,c], w [b,C,H], keys [b,N,c], t [C] absolute positions -> entry ids [b, C, k], −1 = none."""
+        n = keys.shape[1]
+        k = min(self.topk, n)
+        if k == 0:
+            return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.long, device=q.device)
+        s = torch.einsum("bchd,bnd->bchn", q.float(), keys.float()).relu_()
+        s = (s * w.unsqueeze(-1)).sum(2)                                          # [b, C, N]
+        visible = torch.arange(n, device=q.device)[None] < ((t + 1) // self.ratio)[:, None]   # [C, N]
+        s = s.masked_fill(~visible, NEG_INF)
+        idx = s.topk(k, dim=-1).indices
+        return torch.where(idx < ((t + 1) // self.ratio)[None, :, None], idx, -1)
+
+
+class Attention(nn.Module):
+    query_chunk = 512
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim
+        self.n_groups, self.o_lora_rank, self.eps = cfg.o_groups, cfg.o_lora_rank, cfg.rms_norm_eps
+        dense = cfg.attention == "dense"
+        self.ratio = 0 if dense else cfg.compress_ratios[layer_id]
+        self.window = cfg.max_position_embeddings if dense else cfg.sliding_window
+        self.official = False
+        h, d = self.n_heads, self.head_dim
+        self.attn_sink = nn.Parameter(torch.zeros(h))
+        self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank, fp8_input=True)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = Linear(cfg.q_lora_rank, h * d, fp8_input=True)
+        self.wkv = Linear(cfg.hidden_size, d, fp8_input=True)
+        self.kv_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.wo_a = Linear(h * d // self.n_groups, self.n_groups * self.o_lora_rank)
+        self.wo_b = Linear(self.n_groups * self.o_lora_rank, cfg.hidden_size, fp8_input=True)
+        if self.ratio:
+            # compressed layers: compress_rope_theta with YaRN; sliding-only layers: rope_theta, no YaRN
+            self.rope = Rotary(self.rope_dim, cfg.compress_rope_theta, cfg.yarn)
+            self.compressor = Compressor(cfg.hidden_size, d, self.ratio, self.rope_dim, cfg.rms_norm_eps, False)
+            self.indexer = Indexer(cfg, self.ratio) if self.ratio == 4 else None
+        else:
+            self.rope = Rotary(self.rope_dim, cfg.rope_theta, None)
+            self.compressor = self.indexer = None
+
+    # ------------------------------------------------------------------------------------------ cache
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> AttnCache:
+        c = AttnCache(window=torch.zeros(batch, min(self.window, max_len), self.head_dim, device=device, dtype=dtype))
+        if self.ratio:
+            c.comp = torch.zeros(batch, max_len // self.ratio, self.head_dim, device=device, dtype=dtype)
+            if self.indexer is not None:
+                c.idx_keys = torch.zeros(batch, max_len // self.ratio, self.indexer.head_dim, device=device, dtype=dtype)
+        return c
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttnCache | None = None) -> torch.Tensor:
+        """x [b, L, D] holding positions start_pos … start_pos+L−1 -> [b, L, D]."""
+        b, L, _ = x.shape
+        h, d, r = self.n_heads, self.head_dim, self.rope_dim
+        t_all = torch.arange(start_pos, start_pos + L, device=x.device)
+        cos, sin = self.rope.angles(t_all)
+
+        qr = self.q_norm(self.wq_a(x))                                             # [b, L, q_lora]
+        q = unweighted_rms(self.wq_b(qr).unflatten(-1, (h, d)), self.eps)           # [b, L, h, d]
+        q = Rotary.apply(q, cos, sin)
+        kv = Rotary.apply(self.kv_norm(self.wkv(x)), cos, sin)                      # [b, L, d]
+        if self.official:
+            kv = kv_roundtrip(kv, r)
+
+        # raw keys: the cached tail of earlier tokens, then this call's tokens
+        if cache is not None and cache.n_window:
+            raw = torch.cat([cache.window[:, :cache.n_window], kv], 1)
+        else:
+            raw = kv
+        raw_start = start_pos - (raw.shape[1] - L)
+
+        comp = idx_sel = None
+        if self.ratio:
+            comp = self._compressed(x, start_pos, cache, self.compressor, "comp")   # [b, N, d]
+            if self.indexer is not None:
+                keys = self._compressed(x, start_pos, cache, self.indexer.compressor, "idx_keys")
+                iq, iw = self.indexer.queries(x, qr, cos, sin)
+                idx_sel = torch.cat([self.indexer.select(iq[:, c0:c0 + self.query_chunk], iw[:, c0:c0 + self.query_chunk],
+                                                         keys, t_all[c0:c0 + self.query_chunk])
+                                     for c0 in range(0, L, self.query_chunk)], 1)   # [b, L, k]
+        if cache is not None:
+            tail = raw[:, -cache.window.shape[1]:]
+            cache.window[:, :tail.shape[1]] = tail
+            cache.n_window = tail.shape[1]
+
+        outs = [self._attend(q[:, c0:c0 + self.query_chunk], raw, raw_start, t_all[c0:c0 + self.query_chunk], comp,
+                             None if idx_sel is None else idx_sel[:, c0:c0 + self.query_chunk])
+                for c0 in range(0, L, self.query_chunk)]
+        o = torch.cat(outs, 1).to(x.dtype)                                          # [b, L, h, d]
+        o = Rotary.apply(o, cos, sin, inverse=True)                                  # undo the query-position RoPE
+
+        # grouped low-rank output projection: each group of h/g heads -> o_lora_rank, then wo_b
+        g = self.n_groups
+        wo_a = self.wo_a.weight.to(o.dtype).view(g, self.o_lora_rank, -1)
+        o = torch.einsum("blgi,gri->blgr", o.reshape(b, L, g, -1), wo_a)
+        return self.wo_b(o.flatten(2))
+
+    def _compressed(self, x, start_pos, cache, compressor: Compressor, buf: str) -> torch.Tensor:
+        """Run the compressor on this call's tokens; return every entry so far [b, N, ·]."""
+        if cache is None:
+            return compressor(x, start_pos, CompressorState(), self.rope)
+        comp = buf == "comp"
+        new = compressor(x, start_pos, cache.comp_state if comp else cache.idx_state, self.rope)
+        store, n0 = (cache.comp, cache.n_comp) if comp else (cache.idx_keys, cache.n_idx)
+        n1 = n0 + new.shape[1]
+        if n1 > store.shape[1]:
+            raise CacheOverflowError(f"KV cache overflow: {n1} compressed entries > capacity {store.shape[1]} "
+                                     "(allocate the cache with a larger max_len)")
+        store[:, n0:n1] = new
+        if comp:
+            cache.n_comp = n1
+        else:
+            cache.n_idx = n1
+        return store[:, :n1]
+
+    def _attend(self, q, raw, raw_start, t, comp, sel) -> torch.Tensor:
+        """One query chunk. q [b,C,h,d]; raw [b,R,d] raw KV from position raw_start; t [C] positions;
+        comp [b,N,d] compressed entries or None; sel [b,C,k] CSA picks (−1 = none) or None."""
+        W, scale = self.window, self.head_dim ** -0.5
+        qf = q.float()
+        lo = max(raw_start, int(t[0]) - W + 1)
+        hi = int(t[-1]) + 1
+        kw = raw[:, lo - raw_start:hi - raw_start].float()                            # [b, Nw, d]
+        kpos = torch.arange(lo, hi, device=q.device)
+        band = (kpos[None] <= t[:, None]) & (kpos[None] > t[:, None] - W)            # [C, Nw]
+        scores = [torch.einsum("bchd,bnd->bchn", qf, kw).mul_(scale).masked_fill_(~band[None, :, None], NEG_INF)]
+        values = [kw]
+        kc = None
+        if comp is not None and comp.shape[1]:
+            if sel is None:                                                          # HCA: every visible entry
+                kc = comp.float()
+                vis = torch.arange(comp.shape[1], device=q.device)[None] < ((t + 1) // self.ratio)[:, None]
+                sc = torch.einsum("bchd,bnd->bchn", qf, kc).mul_(scale).masked_fill_(~vis[None, :, None], NEG_INF)
+            else:                                                                    # CSA: gathered top-k
+                kc = torch.gather(comp.float()[:, None].expand(-1, sel.shape[1], -1, -1), 2,
+                                  sel.clamp(min=0)[..., None].expand(-1, -1, -1, comp.shape[-1]))   # [b, C, k, d]
+                sc = torch.einsum("bchd,bckd->bchk", qf, kc).mul_(scale).masked_fill_((sel < 0)[:, :, None], NEG_INF)
+            scores.append(sc)
+        sink = self.attn_sink.float()[None, None, :, None].expand(q.shape[0], q.shape[1], -1, 1)
+        p = torch.cat(scores + [sink], -1).softmax(-1)                                 # sink only widens the denominator
+        nw = kw.shape[1]
+        o = torch.einsum("bchn,bnd->bchd", p[..., :nw], kw)
+        if kc is not None:
+            pc = p[..., nw:-1]
+            o = o + (torch.einsum("bchn,bnd->bchd", pc, kc) if sel is None else torch.einsum("bchk,bckd->bchd", pc, kc))
+        return o

@@ -1,0 +1,61 @@
+"""Manifold-constrained Hyper-Connections (mHC): n parallel residual streams mixed by pre / post / comb maps.
+
+Per sublayer, from the flattened streams x = [h_1 … h_n] (fp32):
+    mixes = (x @ fnᵀ) · rsqrt(mean(x²) + eps)                       # an unweighted RMSNorm folded in
+    pre   = sigmoid(mixes[:n]    · scale0 + base[:n]) + hc_eps       # collapse weights
+    post  = 2 · sigmoid(mixes[n:2n] · scale1 + base[n:2n])           # expand weights
+    comb  = Sinkhorn(softmax_rows(mixes[2n:] · scale2 + base[2n:]))  # doubly-stochastic stream mixing
+and the sublayer output y re-enters as h'_k = post_k · y + Σ_j comb[j, k] · h_j.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """[..., n, n] logits -> (approximately) doubly-stochastic matrix, in the official iteration order:
+    row softmax (+eps), column normalisation, then (iters-1) × (row, column) normalisations, each
+    dividing by (sum + eps)."""
+    m = logits.softmax(-1) + eps
+    m = m / (m.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(-1, keepdim=True) + eps)
+        m = m / (m.sum(-2, keepdim=True) + eps)
+    return m
+
+
+def hc_maps(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
+            hc_eps: float, norm_eps: float, kind: str = "mhc") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [b, s, n, D] with fn [(2+n)·n, n·D], base [(2+n)·n], scale [3] -> pre [b,s,n], post [b,s,n],
+    comb [b,s,n,n] (fp32). kind 'mhc' projects comb with Sinkhorn; 'hc' leaves it unconstrained (ablation)."""
+    n = h.shape[2]
+    x = h.flatten(2).float()                                                   # [b, s, n·D]
+    mixes = F.linear(x, fn.float()) * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+    scale, base = scale.float(), base.float()
+    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps
+    post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
+    comb = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
+    if kind == "mhc":
+        comb = sinkhorn(comb, iters, hc_eps)
+    return pre, post, comb
+
+
+def hc_collapse(h: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """Σ_j pre_j · h_j : streams [b,s,n,D] -> sublayer input [b,s,D]."""
+    return (pre.unsqueeze(-1) * h.float()).sum(2).to(h.dtype)
+
+
+def hc_expand(y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """h'_k = post_k · y + Σ_j comb[j, k] · h_j   (y [b,s,D], h [b,s,n,D]) -> [b, s, n, D]."""
+    out = post.unsqueeze(-1) * y.float().unsqueeze(-2) + torch.einsum("bsjk,bsjd->bskd", comb, h.float())
+    return out.to(y.dtype)
+
+
+def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+            hc_eps: float, norm_eps: float) -> torch.Tensor:
+    """Final collapse before the output norm: pre weights only, fn [n, n·D], base [n], scale [1]."""
+    x = h.flatten(2).float()
+    mixes = F.linear(x, fn.float()) * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+    pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps                  # [b, s, n]
+    return hc_collapse(h, pre)

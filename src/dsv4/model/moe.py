@@ -1,0 +1,97 @@
+"""DeepSeekMoE: sqrt-softplus gate with an aux-loss-free selection bias, hash-routed first layers, routed
+experts plus one shared expert, all SwiGLU with clamping."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import Linear
+
+
+class Gate(nn.Module):
+    """scores = sqrt(softplus(x·Wᵀ)) in fp32; experts chosen by top-k of (scores + bias) — the bias steers
+    selection only — or, in hash layers, by the fixed table tid2eid[token id]; weights = the chosen scores,
+    normalised to sum 1, times routed_scaling_factor."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.topk, self.score_func, self.route_scale = cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor
+        self.hash = layer_id < cfg.num_hash_layers
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        if self.hash:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.int32))
+            self.bias = None
+        else:
+            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.float() @ self.weight.float().t()
+        if self.score_func == "softmax":
+            return logits.softmax(-1)
+        if self.score_func == "sigmoid":
+            return logits.sigmoid()
+        return F.softplus(logits).sqrt()
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D], input_ids [T] -> weights [T, k] fp32, expert ids [T, k] int64."""
+        s = self.scores(x)
+        if self.hash:
+            if input_ids is None:
+                raise ValueError("hash-routed MoE layers need the token ids")
+            idx = self.tid2eid[input_ids].long()
+        else:
+            idx = (s + self.bias.float()).topk(self.topk, dim=-1).indices
+        w = s.gather(1, idx)
+        if self.score_func != "softmax":
+            w = w / w.sum(-1, keepdim=True)
+        return w * self.route_scale, idx
+
+
+class Expert(nn.Module):
+    """SwiGLU in fp32 with clamping: up ∈ [−limit, limit], gate ≤ limit; the routing weight multiplies the
+    hidden activation before w2 (as the official code does)."""
+
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = Linear(dim, inter, fp8_input=True)
+        self.w2 = Linear(inter, dim, fp8_input=True)
+        self.w3 = Linear(dim, inter, fp8_input=True)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        gate, up = self.w1(x).float(), self.w3(x).float()
+        if self.limit > 0:
+            up = up.clamp(-self.limit, self.limit)
+            gate = gate.clamp(max=self.limit)
+        hid = F.silu(gate) * up
+        if weight is not None:
+            hid = weight * hid
+        return self.w2(hid.to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.gate = Gate(cfg, layer_id)
+        self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
+                                     for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (Expert(cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
+                               if cfg.n_shared_experts else None)
+        self.last_counts: torch.Tensor | None = None     # tokens per expert of the last call (for balancing)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                                  # [T, D]
+        w, idx = self.gate(x, None if input_ids is None else input_ids.reshape(-1))
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        counts = torch.bincount(idx.flatten(), minlength=self.n_experts)
+        self.last_counts = counts.detach()
+        for e in torch.nonzero(counts).flatten().tolist():
+            tok, slot = torch.where(idx == e)
+            y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x).float()
+        return y.to(x.dtype).view(shape)

@@ -1,0 +1,186 @@
+"""The DeepSeek-V4 model: embed -> expand to hc_mult streams -> blocks (attention, MoE, each wrapped in
+mHC) -> hyper-head -> norm -> head; plus the MTP block that predicts the token after next.
+
+Parameter names equal the official checkpoint's (`layers.N.attn.wq_a.weight`, `layers.N.hc_attn_fn`, …)
+so loading is a plain name-for-name copy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention, AttnCache
+from .layers import Linear, RMSNorm
+from .mhc import hc_collapse, hc_expand, hc_head, hc_maps
+from .moe import MoE
+
+
+class Block(nn.Module):
+    """attention and MoE sublayers, each entered through the mHC collapse and left through its expand."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.residual = cfg.residual
+        self.iters, self.hc_eps, self.norm_eps = cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
+        self.attn = Attention(cfg, layer_id)
+        self.ffn = MoE(cfg, layer_id)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if self.residual != "plain":
+            n, D = cfg.hc_mult, cfg.hidden_size
+            mix = (2 + n) * n
+            for sub in ("attn", "ffn"):
+                self.register_parameter(f"hc_{sub}_fn", nn.Parameter(torch.zeros(mix, n * D)))
+                self.register_parameter(f"hc_{sub}_base", nn.Parameter(torch.zeros(mix)))
+                self.register_parameter(f"hc_{sub}_scale", nn.Parameter(torch.ones(3)))
+
+    def _sublayer(self, h: torch.Tensor, sub: str, fn) -> torch.Tensor:
+        if self.residual == "plain":                       # ablation: one stream, ordinary residual
+            return h + fn(h[:, :, 0]).unsqueeze(2)
+        pre, post, comb = hc_maps(h, getattr(self, f"hc_{sub}_fn"), getattr(self, f"hc_{sub}_base"),
+                                  getattr(self, f"hc_{sub}_scale"), self.iters, self.hc_eps, self.norm_eps,
+                                  "mhc" if self.residual == "mhc" else "hc")
+        return hc_expand(fn(hc_collapse(h, pre)), h, post, comb)
+
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor | None, start_pos: int = 0,
+                cache: AttnCache | None = None) -> torch.Tensor:
+        """h [b, s, n, D] -> [b, s, n, D]."""
+        h = self._sublayer(h, "attn", lambda x: self.attn(self.attn_norm(x), start_pos, cache))
+        return self._sublayer(h, "ffn", lambda x: self.ffn(self.ffn_norm(x), input_ids))
+
+
+class MTPBlock(Block):
+    """Next-next-token module: mixes the main model's final streams with the embedding of the next token,
+    runs one Block, and predicts through its own hyper-head and norm and the shared output head."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        D, n = cfg.hidden_size, (1 if cfg.residual == "plain" else cfg.hc_mult)
+        self.e_proj = Linear(D, D, fp8_input=True)
+        self.h_proj = Linear(D, D, fp8_input=True)
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        if cfg.residual != "plain":
+            self.hc_head_fn = nn.Parameter(torch.zeros(n, n * D))
+            self.hc_head_base = nn.Parameter(torch.zeros(n))
+            self.hc_head_scale = nn.Parameter(torch.ones(1))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.n_streams = 1 if cfg.residual == "plain" else cfg.hc_mult
+        self.embed = nn.Embedding(cfg.vocab_size, D)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + j) for j in range(cfg.num_nextn_predict_layers))
+        if cfg.residual != "plain":
+            n = cfg.hc_mult
+            self.hc_head_fn = nn.Parameter(torch.zeros(n, n * D))
+            self.hc_head_base = nn.Parameter(torch.zeros(n))
+            self.hc_head_scale = nn.Parameter(torch.ones(1))
+        self.numerics = "plain"
+
+    # ------------------------------------------------------------------------------------------ numerics
+    def set_numerics(self, numerics: str) -> "Transformer":
+        """'plain': compute in the parameter dtype, no simulated rounding. 'official': round where DeepSeek's
+        inference code rounds (FP8 KV, FP4 indexer, FP8 activations before FP8/FP4 GEMMs)."""
+        if numerics not in ("plain", "official"):
+            raise ValueError(f"numerics must be 'plain' or 'official', got {numerics!r}")
+        for m in self.modules():
+            if hasattr(m, "official"):
+                m.official = numerics == "official"
+        self.numerics = numerics
+        return self
+
+    # ------------------------------------------------------------------------------------------ forward
+    def _logits(self, h: torch.Tensor, owner: nn.Module, norm: RMSNorm) -> torch.Tensor:
+        if self.cfg.residual == "plain":
+            x = h[:, :, 0]
+        else:
+            x = hc_head(h, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, self.cfg.hc_eps,
+                        self.cfg.rms_norm_eps)
+        return F.linear(norm(x).float(), self.head.weight.float())                 # fp32 head, as official
+
+    def hidden(self, input_ids: torch.Tensor, start_pos: int = 0, caches: list[AttnCache] | None = None) -> torch.Tensor:
+        """Final residual streams [b, s, n, D] (what MTP and the dissection hooks consume)."""
+        h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.n_streams, 1)     # [b, s, n, D]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, input_ids, start_pos, None if caches is None else caches[i])
+        return h
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, caches: list[AttnCache] | None = None,
+                return_hidden: bool = False):
+        """input_ids [b, s] at positions start_pos… -> logits [b, s, vocab] (fp32) for every position."""
+        self._check_ids(input_ids)
+        h = self.hidden(input_ids, start_pos, caches)
+        logits = self._logits(h, self, self.norm)
+        return (logits, h) if return_hidden else logits
+
+    def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int = 0, cache: AttnCache | None = None,
+                    depth: int = 0) -> torch.Tensor:
+        """MTP logits: h [b, s, n, D] final streams at positions t, next_ids [b, s] the tokens at t+1 ->
+        logits [b, s, vocab] predicting the tokens at t+2."""
+        mtp = self.mtp[depth]
+        e = mtp.e_proj(mtp.enorm(self.embed(next_ids)))                              # [b, s, D]
+        x = e.unsqueeze(2) + mtp.h_proj(mtp.hnorm(h))                                # [b, s, n, D]
+        x = mtp(x, next_ids, start_pos, cache)
+        return self._logits(x, mtp, mtp.norm)
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError("input_ids is empty")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token id {hi if hi >= self.cfg.vocab_size else lo} outside the vocabulary "
+                             f"[0, {self.cfg.vocab_size})")
+
+    # ------------------------------------------------------------------------------------------ caches
+    def new_caches(self, batch: int, max_len: int, device=None, dtype=None, mtp: bool = True) -> list[AttnCache]:
+        """One AttnCache per layer (then one per MTP block when `mtp`), preallocated for max_len tokens."""
+        p = next(self.parameters())
+        device, dtype = device or p.device, dtype or p.dtype
+        blocks = list(self.layers) + (list(self.mtp) if mtp else [])
+        return [blk.attn.new_cache(batch, max_len, device, dtype) for blk in blocks]
+
+
+def init_weights(model: Transformer, std: float = 0.02, seed: int | None = 0) -> Transformer:
+    """Random init for training from scratch: N(0, std) matrices, unit norms, zero sinks/biases/ape,
+    hc maps as HF does (fn ~ N(0, std), base 0, scale 1), and a balanced deterministic hash table."""
+    g = torch.Generator().manual_seed(seed or 0)
+    cfg = model.cfg
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif leaf in ("attn_sink", "ape", "bias") or name.endswith("_base"):
+                p.zero_()
+            elif name.endswith("_scale"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, buf in model.named_buffers():
+            if name.endswith("tid2eid"):
+                buf.copy_(balanced_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok,
+                                              seed=int(name.split(".")[1])))
+    return model
+
+
+def balanced_hash_table(vocab: int, n_experts: int, k: int, seed: int = 0) -> torch.Tensor:
+    """tid2eid [vocab, k]: each token gets k distinct experts; over the vocabulary every expert is used
+    equally often (±1). Deterministic in (vocab, n_experts, k, seed)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    perm = torch.randperm(n_experts, generator=g)
+    tok = torch.arange(vocab)[:, None]
+    slots = (tok * k + torch.arange(k)[None]) % n_experts        # round-robin: k consecutive, distinct experts
+    return perm[slots].to(torch.int32)
