@@ -159,11 +159,22 @@ class ModelConfig:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             need(kind in ("yarn", None), "rope_scaling", f"only YaRN is supported, got type {kind!r}")
         if self.quantized:
-            # The official numerics quantise activations per 128 values and the indexer per 32 after a
-            # Hadamard rotation (needs a power of two).
-            need(self.index_head_dim & (self.index_head_dim - 1) == 0, "index_head_dim",
-                 "must be a power of two for the indexer's Hadamard rotation (official numerics)")
+            self.check_official_numerics()
         return self
+
+    def check_official_numerics(self) -> None:
+        """The official rounding works in fixed blocks: FP8 activations per 128 values, FP8 KV per 64, FP4
+        indexer per 32 after a Hadamard rotation. Raise naming the field whose size does not fit."""
+        def need(cond: bool, fld: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"official numerics: config field '{fld}' {msg}")
+        for fld in ("hidden_size", "q_lora_rank", "moe_intermediate_size"):
+            need(getattr(self, fld) % 128 == 0, fld, f"= {getattr(self, fld)} must be a multiple of 128")
+        need(self.o_groups * self.o_lora_rank % 128 == 0, "o_lora_rank", "× o_groups must be a multiple of 128")
+        need((self.head_dim - self.qk_rope_head_dim) % 64 == 0, "head_dim",
+             "minus qk_rope_head_dim must be a multiple of 64")
+        need(self.index_head_dim % 32 == 0 and self.index_head_dim & (self.index_head_dim - 1) == 0,
+             "index_head_dim", "must be a power of two and a multiple of 32")
 
     # ------------------------------------------------------------------ I/O
     @classmethod
@@ -257,7 +268,13 @@ def _small() -> ModelConfig:
         max_position_embeddings=16384, torch_dtype="float32").validate()
 
 
-PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "small": _small}
+def _tiny_official() -> ModelConfig:
+    """The smallest sizes the official block-wise rounding accepts (128-value FP8 blocks)."""
+    return _tiny().replace(hidden_size=128, head_dim=128, qk_rope_head_dim=64, q_lora_rank=128, o_lora_rank=64,
+                           moe_intermediate_size=128, index_head_dim=64)
+
+
+PRESETS = {"flash": _flash, "pro": _pro, "tiny": _tiny, "tiny-official": _tiny_official, "small": _small}
 
 
 def preset(name: str) -> ModelConfig:

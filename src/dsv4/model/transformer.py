@@ -94,6 +94,8 @@ class Transformer(nn.Module):
         inference code rounds (FP8 KV, FP4 indexer, FP8 activations before FP8/FP4 GEMMs)."""
         if numerics not in ("plain", "official"):
             raise ValueError(f"numerics must be 'plain' or 'official', got {numerics!r}")
+        if numerics == "official":
+            self.cfg.check_official_numerics()
         for m in self.modules():
             if hasattr(m, "official"):
                 m.official = numerics == "official"
