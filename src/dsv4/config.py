@@ -324,7 +324,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     for i in range(cfg.num_hidden_layers):
         t, a = block(i)
         total, active = total + t, active + a
-    emb_head = 2 * cfg.vocab_size * D + D + n * n * D + 2 * n
+    emb_head = 2 * cfg.vocab_size * D + D + n * n * D + n + 1
     total += emb_head
     active += emb_head
     mtp_total = 0

@@ -37,6 +37,20 @@ class AttnCache:
     n_idx: int = 0
     idx_state: CompressorState = field(default_factory=CompressorState)
 
+    def snapshot(self) -> dict:
+        """Everything a rollback needs. The compressed buffers are append-only, so their counts suffice."""
+        return {"window": self.window.clone(), "n_window": self.n_window, "n_comp": self.n_comp, "n_idx": self.n_idx,
+                "comp_state": self.comp_state.clone(), "idx_state": self.idx_state.clone()}
+
+    def restore(self, snap: dict) -> None:
+        self.window.copy_(snap["window"])
+        self.n_window, self.n_comp, self.n_idx = snap["n_window"], snap["n_comp"], snap["n_idx"]
+        self.comp_state, self.idx_state = snap["comp_state"].clone(), snap["idx_state"].clone()
+
+    def nbytes(self) -> int:
+        """Bytes of the preallocated buffers (the formula in dsv4.inference.kv counts exactly these)."""
+        return sum(t.numel() * t.element_size() for t in (self.window, self.comp, self.idx_keys) if t is not None)
+
 
 class Indexer(nn.Module):
     """Lightning indexer: score(t, j) = Σ_h w_{t,h} · ReLU(q_{t,h} · K_j); keeps the top-k visible entries."""
