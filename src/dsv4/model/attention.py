@@ -97,6 +97,7 @@ class Attention(nn.Module):
         self.ratio = 0 if dense else cfg.compress_ratios[layer_id]
         self.window = cfg.max_position_embeddings if dense else cfg.sliding_window
         self.official = False
+        self.recorder = None     # dissection: a callable(event, **tensors) fed from the reference path
         h, d = self.n_heads, self.head_dim
         self.attn_sink = nn.Parameter(torch.zeros(h))
         self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank, fp8_input=True)
@@ -155,6 +156,8 @@ class Attention(nn.Module):
                 idx_sel = torch.cat([self.indexer.select(iq[:, c0:c0 + self.query_chunk], iw[:, c0:c0 + self.query_chunk],
                                                          keys, t_all[c0:c0 + self.query_chunk])
                                      for c0 in range(0, L, self.query_chunk)], 1)   # [b, L, k]
+                if self.recorder is not None:
+                    self.recorder("indexer", selected=idx_sel, positions=t_all, ratio=self.ratio)
         if cache is not None:
             tail = raw[:, -cache.window.shape[1]:]
             cache.window[:, :tail.shape[1]] = tail
@@ -216,6 +219,9 @@ class Attention(nn.Module):
         sink = self.attn_sink.float()[None, None, :, None].expand(q.shape[0], q.shape[1], -1, 1)
         p = torch.cat(scores + [sink], -1).softmax(-1)                                 # sink only widens the denominator
         nw = kw.shape[1]
+        if self.recorder is not None:     # attention mass per query and head on window / compressed / sink
+            self.recorder("attention", window=p[..., :nw].sum(-1), compressed=p[..., nw:-1].sum(-1), sink=p[..., -1],
+                          positions=t)
         o = torch.einsum("bchn,bnd->bchd", p[..., :nw], kw)
         if kc is not None:
             pc = p[..., nw:-1]

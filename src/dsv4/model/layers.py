@@ -72,8 +72,12 @@ class Rotary(nn.Module):
 
     def __init__(self, dim: int, base: float, yarn: dict | None = None):
         super().__init__()
-        self.dim = dim
+        self.dim, self.base, self.yarn = dim, base, yarn
         self.register_buffer("inv_freq", rope_inv_freq(dim, base, yarn), persistent=False)
+
+    def reset(self, device=None) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after building the model on the meta device."""
+        self.inv_freq = rope_inv_freq(self.dim, self.base, self.yarn).to(device or self.inv_freq.device)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [L] (int) -> cos, sin [L, dim/2] in fp32."""

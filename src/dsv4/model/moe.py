@@ -25,9 +25,14 @@ class Gate(nn.Module):
             self.bias = None
         else:
             self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+        # anticipatory routing: when set, experts are *selected* with these earlier gate parameters
+        self.route_params: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        logits = x.float() @ self.weight.float().t()
+        return self.scores_with(x, self.weight)
+
+    def scores_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        logits = x.float() @ weight.float().t()
         if self.score_func == "softmax":
             return logits.softmax(-1)
         if self.score_func == "sigmoid":
@@ -38,9 +43,13 @@ class Gate(nn.Module):
         """x [T, D], input_ids [T] -> weights [T, k] fp32, expert ids [T, k] int64."""
         s = self.scores(x)
         if self.hash:
-            if input_ids is None:
+            if input_ids is None:  # pragma: no cover - guarded by the model
                 raise ValueError("hash-routed MoE layers need the token ids")
             idx = self.tid2eid[input_ids].long()
+        elif self.route_params is not None:
+            w_old, b_old = self.route_params
+            with torch.no_grad():
+                idx = (self.scores_with(x, w_old) + b_old.float()).topk(self.topk, dim=-1).indices
         else:
             idx = (s + self.bias.float()).topk(self.topk, dim=-1).indices
         w = s.gather(1, idx)
@@ -80,7 +89,11 @@ class MoE(nn.Module):
                                      for _ in range(cfg.n_routed_experts))
         self.shared_experts = (Expert(cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
                                if cfg.n_shared_experts else None)
-        self.last_counts: torch.Tensor | None = None     # tokens per expert of the last call (for balancing)
+        self.last_counts: torch.Tensor | None = None     # tokens per expert of the last call
+        # training: load accumulated since the last bias update, and the sequence-wise balance loss
+        self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+        self.topk = cfg.num_experts_per_tok
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
@@ -89,9 +102,24 @@ class MoE(nn.Module):
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         counts = torch.bincount(idx.flatten(), minlength=self.n_experts)
         self.last_counts = counts.detach()
+        if self.training and not self.gate.hash:
+            self.load += counts.to(self.load.dtype)
+            self.aux_loss = self._sequence_balance_loss(x.view(shape), idx.view(*shape[:-1], -1))
         for e in torch.nonzero(counts).flatten().tolist():
             tok, slot = torch.where(idx == e)
             y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
         if self.shared_experts is not None:
             y = y + self.shared_experts(x).float()
         return y.to(x.dtype).view(shape)
+
+    def _sequence_balance_loss(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Sequence-wise balance loss Σ_i f_i·P_i per sequence (averaged over the batch):
+        f_i = E/(k·T) · #tokens of the sequence routed to i, P_i = mean over its tokens of the normalised
+        score s_i / Σ_j s_j. x [b, T, D], idx [b, T, k]."""
+        b, T, _ = x.shape
+        s = self.gate.scores(x.reshape(-1, x.shape[-1])).view(b, T, -1)
+        p = (s / s.sum(-1, keepdim=True)).mean(1)                                      # [b, E]
+        hits = torch.zeros(b, self.n_experts, device=x.device).scatter_add_(
+            1, idx.reshape(b, -1), torch.ones(b, T * idx.shape[-1], device=x.device))
+        f = hits * self.n_experts / (self.topk * T)
+        return (f * p).sum(-1).mean()

@@ -1,0 +1,160 @@
+"""The V4 training recipe pieces that live outside the optimizer: losses (next token + MTP + sequence-wise
+balance), aux-loss-free bias balancing, anticipatory routing, and learning-rate / sequence-length schedules."""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model import MoE, Transformer
+
+
+# ------------------------------------------------------------------------------------------------ losses
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    lm: torch.Tensor
+    mtp: torch.Tensor | None
+    balance: torch.Tensor | None
+
+
+def compute_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3,
+                 balance_weight: float = 1e-4) -> LossParts:
+    """inputs/targets [b, s] (targets = inputs shifted by one). The MTP block at position t sees the main
+    streams h_t and the embedding of token t+1 (= targets[t]) and predicts token t+2 (= targets[t+1])."""
+    logits, h = model(inputs, return_hidden=True)
+    lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    total = lm
+    mtp = None
+    if mtp_weight > 0 and len(model.mtp) and inputs.shape[1] > 1:
+        mlog = model.mtp_forward(h[:, :-1], targets[:, :-1])
+        mtp = F.cross_entropy(mlog.flatten(0, 1), targets[:, 1:].flatten())
+        total = total + mtp_weight * mtp
+    balance = None
+    aux = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+    if aux and balance_weight > 0:
+        balance = torch.stack(aux).mean()
+        total = total + balance_weight * balance
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.aux_loss = None
+    return LossParts(total, lm, mtp, balance)
+
+
+# ------------------------------------------------------------------------------------ bias balancing
+@torch.no_grad()
+def update_gate_biases(model: torch.nn.Module, speed: float) -> float:
+    """Aux-loss-free balancing: after a step, raise the selection bias of under-loaded experts and lower that
+    of over-loaded ones by `speed` (sign update on the load accumulated since the last call). Returns the
+    mean max-violation (max load / mean load − 1) over layers, for logging."""
+    viol = []
+    for m in model.modules():
+        if isinstance(m, MoE) and m.gate.bias is not None and m.load.sum() > 0:
+            load = m.load
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(load)
+            mean = load.mean()
+            m.gate.bias.add_(speed * torch.sign(mean - load))
+            viol.append(float(load.max() / mean - 1))
+            load.zero_()
+    return sum(viol) / len(viol) if viol else 0.0
+
+
+# ------------------------------------------------------------------------------- anticipatory routing
+class SpikeDetector:
+    """A loss is a spike when it exceeds the running mean of the last `window` losses by `k` standard
+    deviations (after `warmup` observations)."""
+
+    def __init__(self, window: int = 50, k: float = 4.0, warmup: int = 20):
+        self.hist: deque[float] = deque(maxlen=window)
+        self.k, self.warmup = k, warmup
+
+    def __call__(self, loss: float) -> bool:
+        spike = False
+        if len(self.hist) >= self.warmup:
+            mean = sum(self.hist) / len(self.hist)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.hist) / len(self.hist))
+            spike = loss > mean + self.k * max(std, 1e-6)
+        if not spike:
+            self.hist.append(loss)
+        return spike
+
+    def state_dict(self) -> dict:
+        return {"hist": list(self.hist)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.hist.clear()
+        self.hist.extend(sd["hist"])
+
+
+class AnticipatoryRouting:
+    """Keeps the gate parameters of the last `delta` steps. On a loss spike, expert *selection* switches to
+    the parameters from `delta` steps earlier (routing weights still use the current ones) for `duration`
+    steps, then switches back."""
+
+    def __init__(self, model: torch.nn.Module, delta: int = 10, duration: int = 50, detector: SpikeDetector | None = None):
+        self.gates = [m.gate for m in model.modules() if isinstance(m, MoE) and not m.gate.hash]
+        self.delta, self.duration = delta, duration
+        self.detector = detector or SpikeDetector()
+        self.history: deque[list[tuple[torch.Tensor, torch.Tensor]]] = deque(maxlen=delta + 1)
+        self.remaining = 0
+        self.events: list[dict] = []
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Call once per step, after the optimizer step."""
+        self.history.append([(g.weight.detach().clone(), g.bias.detach().clone()) for g in self.gates])
+
+    def observe(self, step: int, loss: float) -> str | None:
+        """Feed this step's loss; returns 'on' / 'off' when the routing mode changes (for the log)."""
+        if self.remaining > 0:
+            self.remaining -= 1
+            if self.remaining == 0:
+                for g in self.gates:
+                    g.route_params = None
+                self.events.append({"step": step, "event": "off"})
+                return "off"
+            return None
+        if self.detector(loss) and len(self.history) > 0:
+            old = self.history[0]                          # the oldest kept: `delta` steps back when full
+            for g, p in zip(self.gates, old):
+                g.route_params = p
+            self.remaining = self.duration
+            self.events.append({"step": step, "event": "on", "loss": loss, "steps_back": len(self.history) - 1})
+            return "on"
+        return None
+
+    @property
+    def active(self) -> bool:
+        return self.remaining > 0
+
+
+# ----------------------------------------------------------------------------------------- schedules
+def lr_at(step: int, total: int, peak: float, warmup: int, kind: str = "cosine", min_ratio: float = 0.1,
+          decay_frac: float = 0.2) -> float:
+    """Linear warmup, then cosine to min_ratio·peak, or WSD (constant, then linear decay over the last
+    `decay_frac` of training)."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if kind == "constant":
+        return peak
+    if kind == "wsd":
+        start = int(total * (1 - decay_frac))
+        if step < start:
+            return peak
+        frac = (step - start) / max(1, total - start)
+        return peak * (1 - (1 - min_ratio) * frac)
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def seq_len_at(step: int, schedule: list[tuple[int, int]], default: int) -> int:
+    """Progressive sequence length: schedule = [(from_step, seq_len), …] sorted by step."""
+    cur = default if not schedule else schedule[0][1]
+    for start, length in schedule:
+        if step >= start:
+            cur = length
+    return cur
