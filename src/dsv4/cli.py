@@ -70,7 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_EXTRA_COMMANDS: list = []
+def _extra_commands() -> list:
+    from .inference.commands import register as inference_cmds
+    cmds = [inference_cmds]
+    # [train] (helper: replace this line)
+    # [inspect] (helper: replace this line)
+    return cmds
+
+
+_EXTRA_COMMANDS = _extra_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
