@@ -73,21 +73,27 @@ class Indexer(nn.Module):
         return q, w
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """q [b,C,H,c], w [b,C,H], keys [b,N,c], t [C] absolute positions -> entry ids [b, C, k], −1 = none."""
+        """q [b,C,H,c], w [b,C,H], keys [b,N,c], t [C] absolute positions -> entry ids [b, C, k], −1 = none.
+        Queries are scored in sub-chunks so the [C', H, N] score tensor stays under ~256 MB at any length."""
         n = keys.shape[1]
         k = min(self.topk, n)
         if k == 0:
             return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.long, device=q.device)
-        s = torch.einsum("bchd,bnd->bchn", q.float(), keys.float()).relu_()
-        s = (s * w.unsqueeze(-1)).sum(2)                                          # [b, C, N]
-        visible = torch.arange(n, device=q.device)[None] < ((t + 1) // self.ratio)[:, None]   # [C, N]
-        s = s.masked_fill(~visible, NEG_INF)
-        idx = s.topk(k, dim=-1).indices
-        return torch.where(idx < ((t + 1) // self.ratio)[None, :, None], idx, -1)
+        step = max(1, (64 << 20) // max(1, q.shape[0] * self.n_heads * n))
+        out = []
+        for c0 in range(0, q.shape[1], step):
+            qc, wc, tc = q[:, c0:c0 + step], w[:, c0:c0 + step], t[c0:c0 + step]
+            s = torch.einsum("bchd,bnd->bchn", qc, keys.to(qc.dtype)).float().relu_()
+            s = torch.einsum("bchn,bch->bcn", s, wc)                                    # [b, C', N]
+            visible = torch.arange(n, device=q.device)[None] < ((tc + 1) // self.ratio)[:, None]   # [C', N]
+            idx = s.masked_fill_(~visible, NEG_INF).topk(k, dim=-1).indices
+            out.append(torch.where(idx < ((tc + 1) // self.ratio)[None, :, None], idx, -1))
+        return torch.cat(out, 1)
 
 
 class Attention(nn.Module):
     query_chunk = 512
+    csa_mask_factor = 4      # CSA picks applied as a mask while n_compressed ≤ factor · top-k, gathered beyond
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -163,8 +169,8 @@ class Attention(nn.Module):
             cache.window[:, :tail.shape[1]] = tail
             cache.n_window = tail.shape[1]
 
-        outs = [self._attend(q[:, c0:c0 + self.query_chunk], raw, raw_start, t_all[c0:c0 + self.query_chunk], comp,
-                             None if idx_sel is None else idx_sel[:, c0:c0 + self.query_chunk])
+        outs = [self._attend(q[:, c0:c0 + self.query_chunk], raw, raw_start, t_all[c0:c0 + self.query_chunk],
+                             start_pos + c0, comp, None if idx_sel is None else idx_sel[:, c0:c0 + self.query_chunk])
                 for c0 in range(0, L, self.query_chunk)]
         o = torch.cat(outs, 1).to(x.dtype)                                          # [b, L, h, d]
         o = Rotary.apply(o, cos, sin, inverse=True)                                  # undo the query-position RoPE
@@ -193,37 +199,45 @@ class Attention(nn.Module):
             cache.n_idx = n1
         return store[:, :n1]
 
-    def _attend(self, q, raw, raw_start, t, comp, sel) -> torch.Tensor:
-        """One query chunk. q [b,C,h,d]; raw [b,R,d] raw KV from position raw_start; t [C] positions;
-        comp [b,N,d] compressed entries or None; sel [b,C,k] CSA picks (−1 = none) or None."""
+    def _attend(self, q, raw, raw_start, t, t0, comp, sel) -> torch.Tensor:
+        """One query chunk. q [b,C,h,d]; raw [b,R,d] raw KV from position raw_start; t [C] positions starting at
+        the int t0; comp [b,N,d] compressed entries or None; sel [b,C,k] CSA picks (−1 = none) or None.
+
+        Products run in the input dtype (fp32 accumulation inside the GEMMs, as the official kernel), softmax in
+        fp32. CSA picks are applied as a mask over all entries while they are few (N ≤ 4k: one dense GEMM beats
+        a gather), and gathered otherwise, so memory stays O(C·(window + k)) at long context."""
         W, scale = self.window, self.head_dim ** -0.5
-        qf = q.float()
-        lo = max(raw_start, int(t[0]) - W + 1)
-        hi = int(t[-1]) + 1
-        kw = raw[:, lo - raw_start:hi - raw_start].float()                            # [b, Nw, d]
+        b, C = q.shape[:2]
+        lo = max(raw_start, t0 - W + 1)
+        hi = t0 + C
+        kw = raw[:, lo - raw_start:hi - raw_start].to(q.dtype)                       # [b, Nw, d]
         kpos = torch.arange(lo, hi, device=q.device)
         band = (kpos[None] <= t[:, None]) & (kpos[None] > t[:, None] - W)            # [C, Nw]
-        scores = [torch.einsum("bchd,bnd->bchn", qf, kw).mul_(scale).masked_fill_(~band[None, :, None], NEG_INF)]
-        values = [kw]
-        kc = None
+        scores = [torch.einsum("bchd,bnd->bchn", q, kw).float().mul_(scale).masked_fill_(~band[None, :, None], NEG_INF)]
+        kc, gathered = None, False
         if comp is not None and comp.shape[1]:
+            N = comp.shape[1]
+            kc = comp.to(q.dtype)
             if sel is None:                                                          # HCA: every visible entry
-                kc = comp.float()
-                vis = torch.arange(comp.shape[1], device=q.device)[None] < ((t + 1) // self.ratio)[:, None]
-                sc = torch.einsum("bchd,bnd->bchn", qf, kc).mul_(scale).masked_fill_(~vis[None, :, None], NEG_INF)
-            else:                                                                    # CSA: gathered top-k
-                kc = torch.gather(comp.float()[:, None].expand(-1, sel.shape[1], -1, -1), 2,
-                                  sel.clamp(min=0)[..., None].expand(-1, -1, -1, comp.shape[-1]))   # [b, C, k, d]
-                sc = torch.einsum("bchd,bckd->bchk", qf, kc).mul_(scale).masked_fill_((sel < 0)[:, :, None], NEG_INF)
-            scores.append(sc)
-        sink = self.attn_sink.float()[None, None, :, None].expand(q.shape[0], q.shape[1], -1, 1)
+                hide = torch.arange(N, device=q.device)[None] >= ((t + 1) // self.ratio)[:, None]   # [C, N]
+                hide = hide[None, :, None]
+            elif N <= self.csa_mask_factor * sel.shape[-1]:                                             # CSA, few entries: mask
+                hit = torch.zeros(b, C, N + 1, dtype=torch.bool, device=q.device).scatter_(2, sel + 1, True)
+                hide = ~hit[:, :, None, 1:]                                          # [b, C, 1, N]
+            else:                                                                    # CSA, many entries: gather
+                flat = (sel.clamp(min=0) + N * torch.arange(b, device=q.device)[:, None, None]).flatten()
+                kc = kc.flatten(0, 1)[flat].view(b, C, -1, kc.shape[-1])               # [b, C, k, d]
+                hide, gathered = (sel < 0)[:, :, None], True
+            sc = torch.einsum("bchd,bckd->bchk" if gathered else "bchd,bnd->bchn", q, kc)
+            scores.append(sc.float().mul_(scale).masked_fill_(hide, NEG_INF))
+        sink = self.attn_sink.float()[None, None, :, None].expand(b, C, -1, 1)
         p = torch.cat(scores + [sink], -1).softmax(-1)                                 # sink only widens the denominator
         nw = kw.shape[1]
         if self.recorder is not None:     # attention mass per query and head on window / compressed / sink
             self.recorder("attention", window=p[..., :nw].sum(-1), compressed=p[..., nw:-1].sum(-1), sink=p[..., -1],
                           positions=t)
+        p = p.to(q.dtype)
         o = torch.einsum("bchn,bnd->bchd", p[..., :nw], kw)
         if kc is not None:
-            pc = p[..., nw:-1]
-            o = o + (torch.einsum("bchn,bnd->bchd", pc, kc) if sel is None else torch.einsum("bchk,bckd->bchd", pc, kc))
+            o = o + torch.einsum("bchk,bckd->bchd" if gathered else "bchn,bnd->bchd", p[..., nw:-1], kc)
         return o
