@@ -1,175 +1,303 @@
-"""Hooks that turn a forward pass into per-layer statistics without keeping the activations.
+"""Hooks that turn forward passes into per-layer statistics without keeping the activations.
 
-    with capture(model) as cap:
+    from dsv4.inspect import capture
+    with capture(model, what=["blocks", "gates"]) as cap:
         for ids in prompts:
-            cap.run(ids, label="factual")
-    records = cap.records          # one dict per prompt, small tensors / floats only
+            cap.run(ids, label="factual", mode="chat")
+    cap.records                       # one dict per run: floats, short lists and small CPU tensors
 
-Per block output h [1, s, hc, D] the hook computes at once: token norms, the BOS vector's dominant
-dimensions, CKA between the hc copies and with the previous layer, effective rank with and without BOS,
-secondary sinks, a logit-lens top-1; gate hooks keep expert ids; the reference attention path reports the
-attention mass on window / compressed / sink slots and the indexer's picks. Only the previous layer's
-state is held between hooks, so memory is O(s·hc·D), independent of depth.
+What each target records, per layer of every run:
+  blocks      token magnitudes ‖h_t‖ over the flattened [hc, D] streams, the BOS sink ratio and dominant dims,
+              CKA between the hc copies, effective rank / participation ratio with and without BOS, secondary
+              sinks; plus the layer×layer CKA matrix of the run (from one n×n Gram matrix per layer)
+  gates       the experts each token was routed to                                  -> experts [L, s, k]
+  attention   attention mass on window / compressed / sink slots per head (the attention `recorder` hook)
+  indexer     how far back the CSA indexer's top-k reaches, and how much adjacent queries' picks overlap
+  mhc         pre / post / comb maps of both sublayers: distance of comb from identity, Sinkhorn error, spectra
+  logit_lens  each layer's streams read out through the final hyper-head, norm and head: top-1 agreement with
+              the final prediction, next-token loss
+
+Memory: a hook reduces a block's output [s, hc, D] at once; what survives a layer is O(s + D) numbers plus one
+normalised Gram matrix over at most `gram_tokens` positions (for the cross-layer CKA), so depth costs
+O(L · gram_tokens²), never O(L · s · hc · D).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Iterable
 
 import torch
 
 from ..model import Transformer
-from ..model.mhc import hc_head, hc_maps
+from ..model.mhc import hc_maps
 from . import metrics as M
 
 ALL = ("blocks", "gates", "attention", "indexer", "mhc", "logit_lens")
 
 
-class Capture:
-    def __init__(self, model: Transformer, what=ALL, top_dims: int = 8):
-        unknown = set(what) - set(ALL)
-        if unknown:
-            raise ValueError(f"unknown capture target(s) {sorted(unknown)}; choose from {list(ALL)}")
-        self.model, self.what, self.top_dims = model, set(what), top_dims
-        self.handles: list = []
-        self.records: list[dict] = []
-        self._cur: dict | None = None
-        self._prev: torch.Tensor | None = None
+class CaptureError(ValueError):
+    """Bad capture request (unknown target, batch > 1, empty prompt)."""
 
-    # ------------------------------------------------------------------------------------------ hooks
+
+def _targets(what: str | Iterable[str]) -> set[str]:
+    what = {what} if isinstance(what, str) else set(what)
+    if "all" in what:
+        return set(ALL)
+    unknown = what - set(ALL)
+    if unknown:
+        raise CaptureError(f"unknown capture target(s) {sorted(unknown)}; choose from {list(ALL)} or 'all'")
+    return what
+
+
+class Capture:
+    """Attach with `with Capture(model, ...) as cap:` (or `capture(...)`), then `cap.run(ids)` per prompt.
+
+    top_dims: dominant BOS dims kept per layer. gram_tokens: at most this many evenly spaced positions (BOS always
+    among them) enter the Gram-based metrics (CKA, effective rank). sink_z: robust z-score above which a non-BOS
+    token counts as a secondary sink. lens_chunk: tokens per logit-lens matmul. progress: a tqdm bar per run,
+    one tick per layer."""
+
+    def __init__(self, model: Transformer, what: str | Iterable[str] = ALL, *, top_dims: int = 8,
+                 gram_tokens: int = 1024, sink_z: float = 6.0, lens_chunk: int = 128, progress: bool = False):
+        self.model, self.what = model, _targets(what)
+        self.top_dims, self.gram_tokens, self.sink_z, self.lens_chunk = top_dims, gram_tokens, sink_z, lens_chunk
+        self.progress = progress
+        self.records: list[dict] = []
+        self._handles: list = []
+        self._wrapped: list = []
+        self._cur: dict | None = None
+        self._bar = None
+
+    # ------------------------------------------------------------------------------------------ attach / detach
     def __enter__(self) -> "Capture":
         for i, blk in enumerate(self.model.layers):
-            if "blocks" in self.what or "logit_lens" in self.what:
-                self.handles.append(blk.register_forward_hook(self._block_hook(i)))
-            if "mhc" in self.what and self.model.cfg.residual != "plain":
-                self.handles.append(blk.register_forward_pre_hook(self._mhc_hook(i)))
+            if self.what & {"blocks", "logit_lens"} or self.progress:
+                self._handles.append(blk.register_forward_hook(self._block_hook(i)))
             if "gates" in self.what:
-                self.handles.append(blk.ffn.gate.register_forward_hook(self._gate_hook(i)))
-            if "attention" in self.what or "indexer" in self.what:
-                blk.attn.recorder = self._attn_recorder(i)
+                self._handles.append(blk.ffn.gate.register_forward_hook(self._gate_hook(i)))
+            if self.what & {"attention", "indexer"}:
+                blk.attn.recorder = self._recorder(i)
+            if "mhc" in self.what and blk.residual != "plain":
+                blk._sublayer = self._mhc_wrapper(i, blk, blk._sublayer)     # instance attribute shadows the method
+                self._wrapped.append(blk)
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self.handles:
+        for h in self._handles:
             h.remove()
-        self.handles.clear()
+        self._handles.clear()
         for blk in self.model.layers:
             blk.attn.recorder = None
+        for blk in self._wrapped:
+            del blk._sublayer
+        self._wrapped.clear()
 
     def _layer(self, i: int) -> dict:
-        return self._cur["layers"].setdefault(i, {})
+        return self._cur["layers"][i]
 
+    # ------------------------------------------------------------------------------------------ block outputs
     def _block_hook(self, i: int):
         def hook(module, args, out):
             if self._cur is None:
                 return
-            h = out[0].detach().float()                               # [s, n, D]
-            L = self._layer(i)
             if "blocks" in self.what:
-                s, n, D = h.shape
-                norms = h.flatten(1).norm(dim=-1)                        # [s]
-                mean = h.mean(1)                                         # [s, D] the copies' average
-                L["norms"] = norms
-                L["copy_norms"] = h.norm(dim=-1)                         # [s, n]
-                L["sink_ratio"] = float(M.sink_ratio(norms, 0)) if s > 1 else float("nan")
-                L["bos_norm"] = float(norms[0])
-                L["nonbos_norm"] = float(norms[1:].mean()) if s > 1 else float("nan")
-                dims, share = M.dominant_dims(mean, 0, self.top_dims)
-                L["bos_dims"], L["bos_dims_share"] = [int(d) for d in dims], float(share)
-                if s > 2:
-                    pairs = [float(M.linear_cka(h[:, a], h[:, b])) for a in range(n) for b in range(a + 1, n)]
-                    L["hc_cka_mean"], L["hc_cka_min"] = sum(pairs) / len(pairs) if pairs else 1.0, min(pairs or [1.0])
-                    L["hc_cka_nobos_mean"] = (sum(float(M.linear_cka(h[1:, a], h[1:, b])) for a in range(n)
-                                                  for b in range(a + 1, n)) / len(pairs)) if pairs else 1.0
-                    flat = h.flatten(1)
-                    if self._prev is not None:
-                        L["adjacent_cka"] = float(M.linear_cka(self._prev, flat))
-                    self._prev = flat
-                    L["erank"] = float(M.effective_rank(mean))
-                    L["erank_nobos"] = float(M.effective_rank(mean[1:]))
-                    L["secondary_sinks"] = [int(p) for p in M.secondary_sinks(norms)]
+                self._block_stats(i, out[0].detach())
             if "logit_lens" in self.what:
-                m = self.model
-                x = out if m.cfg.residual == "plain" else out
-                with torch.no_grad():
-                    lg = m._logits(x, m, m.norm)[0]                      # [s, V]
-                L["lens_top1"] = lg.argmax(-1)
+                self._lens(i, out.detach())
+            if self._bar is not None:
+                self._bar.update(1)
         return hook
 
-    def _mhc_hook(self, i: int):
-        def hook(module, args):
-            if self._cur is None:
-                return
-            h = args[0].detach()
-            with torch.no_grad():
-                pre, post, comb = hc_maps(h, module.hc_attn_fn, module.hc_attn_base, module.hc_attn_scale,
-                                          module.iters, module.hc_eps, module.norm_eps, "mhc")
-            c = comb[0].mean(0)                                          # [n, n] averaged over tokens
-            L = self._layer(i)
-            L["comb_mean"] = c.tolist()
-            L["comb_identity_distance"] = float(M.distance_from_identity(c))
-            L["comb_ds_error"] = float(M.doubly_stochastic_error(comb[0]).max() if torch.is_tensor(
-                M.doubly_stochastic_error(comb[0])) else M.doubly_stochastic_error(comb[0]))
-            L["pre_mean"], L["post_mean"] = pre[0].mean(0).tolist(), post[0].mean(0).tolist()
-        return hook
+    def _block_stats(self, i: int, h: torch.Tensor) -> None:
+        """h [s, n, D] -> magnitudes, sink, hc-copy CKA, rank; stores this layer's normalised Grams."""
+        L, cur = self._layer(i), self._cur
+        s, n, _ = h.shape
+        hf = h.float()
+        norms = hf.flatten(1).norm(dim=-1)                                       # [s] magnitude of the full state
+        cur["norms"][i] = norms.cpu()
+        L["bos_norm"] = float(norms[0])
+        L["bos_copy_norms"] = hf[0].norm(dim=-1).tolist()                          # [n]
+        L["last_norm"] = float(norms[-1])
+        L["nonbos_norm"] = float(norms[1:].mean()) if s > 1 else float("nan")
+        L["nonbos_median"] = float(norms[1:].median()) if s > 1 else float("nan")
+        L["sink_ratio"] = M.sink_ratio(norms, 0)
+        share = M.energy_share(hf[0].mean(0))                                     # [D] BOS energy per dim
+        cur["bos_energy"][i] = share.float().cpu()
+        L["bos_dims"], L["bos_dims_share"] = M.dominant_dims(hf[0].mean(0), self.top_dims)
+        ids = cur["ids"]
+        L["secondary_sinks"] = [(p, z, int(ids[p])) for p, z in M.secondary_sinks(norms.cpu(), self.sink_z)]
 
+        sel = M.subsample_positions(s, self.gram_tokens).to(h.device)
+        x = h[sel].double().transpose(0, 1)                                        # [n, m, D]
+        grams = (x @ x.transpose(1, 2)).cpu()                                      # [n, m, m] one per copy
+        full = grams.sum(0)                                                        # Gram of the concatenated copies
+        if x.shape[0] * x.shape[2] < full.shape[0]:                               # few features: SVD is cheaper
+            flat = x.transpose(0, 1).flatten(1)                                    # [m, n·D]
+            sv, sv_nb = M.singular_values(flat).cpu(), M.singular_values(flat[1:]).cpu()
+        else:
+            sv, sv_nb = M.singular_values_from_gram(full), M.singular_values_from_gram(full[1:, 1:])
+        L["erank"], L["pr"] = M.effective_rank(sv), M.participation_ratio(sv)
+        L["erank_nobos"], L["pr_nobos"] = M.effective_rank(sv_nb), M.participation_ratio(sv_nb)
+        m = full.shape[0]
+        for tag, sub in (("", slice(None)), ("_nobos", slice(1, None))):
+            ok = m - (1 if tag else 0) >= 2
+            cka = M.cka_matrix([g[sub, sub] for g in grams]) if ok and n > 1 else torch.full((n, n), float("nan"))
+            off = cka[~torch.eye(n, dtype=torch.bool)]
+            L["hc_cka" + tag] = cka.tolist()
+            L["hc_cka" + tag + "_mean"] = float(off.mean()) if off.numel() else float("nan")
+            L["hc_cka" + tag + "_min"] = float(off.min()) if off.numel() else float("nan")
+            cur["grams" + tag][i] = self._unit_centered(full[sub, sub]) if ok else None
+        if n > 1 and m - 1 >= 4:
+            deb = M.cka_matrix([g[1:, 1:] for g in grams], debiased=True)
+            L["hc_cka_nobos_debiased_mean"] = float(deb[~torch.eye(n, dtype=torch.bool)].mean())
+
+    @staticmethod
+    def _unit_centered(k: torch.Tensor) -> torch.Tensor | None:
+        kc = M.center_gram(k)
+        nrm = kc.norm()
+        return (kc / nrm).float().flatten() if nrm > 0 else None
+
+    def _lens(self, i: int, out: torch.Tensor) -> None:
+        """Logit lens: this layer's streams through the final hc_head, norm and head, `lens_chunk` tokens at a time."""
+        m, ids = self.model, self._cur["ids_dev"]
+        s = out.shape[1]
+        top1, nll = [], []
+        for c0 in range(0, s, self.lens_chunk):
+            c1 = min(s, c0 + self.lens_chunk)
+            lg = m._logits(out[:, c0:c1], m, m.norm)[0]                           # [c, V] fp32
+            st = M.lens_stats(lg, ids[c0 + 1:c1 + 1])
+            top1.append(st["top1"].cpu())
+            nll.append(st["nll"].double().cpu())
+        L = self._layer(i)
+        L["_lens_top1"] = torch.cat(top1)
+        nll = torch.cat(nll)
+        L["lens_nll"] = float(nll.mean()) if nll.numel() else float("nan")
+
+    # ------------------------------------------------------------------------------------------ mHC maps
+    def _mhc_wrapper(self, i: int, blk, orig):
+        def wrapped(h, sub, fn):
+            if self._cur is not None:
+                self._mhc_stats(i, blk, h.detach(), sub)
+            return orig(h, sub, fn)
+        return wrapped
+
+    def _mhc_stats(self, i: int, blk, h: torch.Tensor, sub: str) -> None:
+        with torch.no_grad():
+            pre, post, comb = hc_maps(h, getattr(blk, f"hc_{sub}_fn"), getattr(blk, f"hc_{sub}_base"),
+                                      getattr(blk, f"hc_{sub}_scale"), blk.iters, blk.hc_eps, blk.norm_eps,
+                                      "mhc" if blk.residual == "mhc" else "hc")
+        pre, post, comb = pre[0].double().cpu(), post[0].double().cpu(), comb[0].double().cpu()   # [s,n] [s,n] [s,n,n]
+        dist = M.distance_from_identity(comb)                                       # [s]
+        spec = M.mixing_spectrum(comb)
+        self._layer(i).setdefault("mhc", {})[sub] = {
+            "comb_identity_distance": float(dist.mean()),
+            "comb_ds_error": float(M.doubly_stochastic_error(comb).max()),
+            "comb_singular_values": spec["singular_values"].mean(0).tolist(),
+            "comb_lambda2": float(spec["eigen_moduli"][:, 1].mean()) if comb.shape[-1] > 1 else float("nan"),
+            "comb_mean": comb.mean(0).tolist(),
+            "pre_mean": pre.mean(0).tolist(), "pre_std": pre.std(0, unbiased=False).tolist(),
+            "post_mean": post.mean(0).tolist(), "post_std": post.std(0, unbiased=False).tolist(),
+            "bos": {"pre": pre[0].tolist(), "post": post[0].tolist(), "comb_identity_distance": float(dist[0])},
+        }
+
+    # ------------------------------------------------------------------------------------------ gates
     def _gate_hook(self, i: int):
         def hook(module, args, out):
             if self._cur is None:
                 return
-            w, idx = out
-            L = self._layer(i)
-            L["experts"] = idx.detach().cpu()                            # [s, k]
-            L["expert_weights"] = w.detach().float().cpu()
+            _, idx = out                                                           # [T, k]
+            self._cur["experts"][i] = idx.detach().to(torch.int16 if module.weight.shape[0] < 32768 else torch.int32).cpu()
         return hook
 
-    def _attn_recorder(self, i: int):
+    # ------------------------------------------------------------------------------------------ attention
+    def _recorder(self, i: int):
+        window = self.model.layers[i].attn.window
+
         def rec(event, **t):
             if self._cur is None:
                 return
             L = self._layer(i)
             if event == "attention" and "attention" in self.what:
-                acc = L.setdefault("attn_mass", {"window": [], "compressed": [], "sink": []})
-                for k in acc:
-                    acc[k].append(t[k][0].detach().float().cpu())          # [C, h]
+                acc = L.setdefault("_attn", {"window": 0.0, "compressed": 0.0, "sink": 0.0, "queries": 0})
+                for k in ("window", "compressed", "sink"):
+                    acc[k] = acc[k] + t[k][0].double().sum(0).cpu()                 # [h] summed over queries
+                acc["queries"] += t["sink"].shape[1]
             elif event == "indexer" and "indexer" in self.what:
-                sel, pos, m = t["selected"][0].detach().cpu(), t["positions"].cpu(), t["ratio"]
-                valid = sel >= 0
-                back = (pos[:, None] - sel * m).float()                     # tokens between query and entry start
-                L["indexer_reach_mean"] = float(back[valid].mean()) if valid.any() else float("nan")
-                L["indexer_reach_max"] = float(back[valid].max()) if valid.any() else float("nan")
-                ov = [M.jaccard(set(sel[q][valid[q]].tolist()), set(sel[q + 1][valid[q + 1]].tolist()))
-                      for q in range(len(sel) - 1) if valid[q].any() and valid[q + 1].any()]
-                L["indexer_adjacent_jaccard"] = sum(ov) / len(ov) if ov else float("nan")
+                sel, pos = t["selected"][0], t["positions"]
+                st = M.indexer_reach(sel, pos, t["ratio"], window)
+                st["adjacent_jaccard"] = M.adjacent_overlap(sel)
+                L["indexer"] = st
         return rec
 
     # ------------------------------------------------------------------------------------------ driving
     @torch.no_grad()
-    def run(self, ids, label: str = "", mode: str = "chat") -> dict:
-        """Forward one prompt (list of ids or [1, s] tensor) and keep its statistics."""
-        ids = torch.as_tensor(ids).reshape(1, -1).to(next(self.model.parameters()).device)
-        self._cur = {"label": label, "mode": mode, "ids": ids[0].cpu(), "layers": {}}
-        self._prev = None
+    def run(self, ids, label: str = "", mode: str = "") -> dict:
+        """Forward one prompt (a list of ids or a [1, s] / [s] tensor) and append its statistics to `records`."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() == 2 and ids.shape[0] != 1:
+            raise CaptureError(f"capture runs one prompt at a time, got a batch of {ids.shape[0]}")
+        ids = ids.reshape(-1)
+        if ids.numel() == 0:
+            raise CaptureError(f"prompt {label!r} is empty")
+        dev = next(self.model.parameters()).device
+        n_layers = len(self.model.layers)
+        self._cur = {"label": label, "mode": mode, "ids": ids.tolist(), "ids_dev": ids.to(dev),
+                     "n_tokens": ids.numel(), "layers": [{} for _ in range(n_layers)],
+                     "norms": [None] * n_layers, "bos_energy": [None] * n_layers, "experts": [None] * n_layers,
+                     "grams": [None] * n_layers, "grams_nobos": [None] * n_layers}
+        was_training = self.model.training
+        self.model.eval()
+        if self.progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=n_layers, desc=f"{label}/{mode}" if mode else label or "prompt", unit="layer",
+                             leave=True)
         try:
-            logits = self.model(ids)
+            logits = self.model(ids.to(dev)[None])
         finally:
             cur, self._cur = self._cur, None
-        final_top1 = logits[0].argmax(-1).cpu()
+            self.model.train(was_training)
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        rec = self._finish(cur, logits[0].argmax(-1).cpu())
+        self.records.append(rec)
+        return rec
+
+    def _finish(self, cur: dict, final_top1: torch.Tensor) -> dict:
+        cur.pop("ids_dev")
         cur["final_top1"] = final_top1
-        cur["last_token_norm"] = None
-        for i, L in cur["layers"].items():
-            if "lens_top1" in L:
-                L["lens_agreement"] = float((L.pop("lens_top1").cpu() == final_top1).float().mean())
-            if "attn_mass" in L:
-                L["attn_mass"] = {k: torch.cat(v).mean(0).tolist() for k, v in L["attn_mass"].items()}
-            if "norms" in L:
-                L["norms"] = L["norms"].cpu()
-                cur["last_token_norm"] = float(L["norms"][-1])
-        self.records.append(cur)
+        for tag in ("", "_nobos"):
+            g = cur.pop("grams" + tag)
+            cur["layer_cka" + tag] = _cka_from_units(g) if any(x is not None for x in g) else None
+        for key in ("norms", "bos_energy", "experts"):
+            cur[key] = torch.stack(cur[key]) if all(x is not None for x in cur[key]) else None
+        for L in cur["layers"]:
+            if "_lens_top1" in L:
+                L["lens_top1_agreement"] = float((L.pop("_lens_top1") == final_top1).double().mean())
+            if "_attn" in L:
+                acc = L.pop("_attn")
+                q = max(1, acc["queries"])
+                L["attn_mass"] = {k: (acc[k] / q).tolist() for k in ("window", "compressed", "sink")}
+                L["attn_mass"]["queries"] = acc["queries"]
         return cur
 
 
+def _cka_from_units(units: list) -> torch.Tensor:
+    """[L, L] CKA from flattened unit-norm centred Grams (None -> NaN row/column)."""
+    n = len(units)
+    out = torch.full((n, n), float("nan"), dtype=torch.float64)
+    ok = [i for i, u in enumerate(units) if u is not None]
+    if ok:
+        u = torch.stack([units[i] for i in ok]).double()
+        c = u @ u.t()
+        idx = torch.tensor(ok)
+        out[idx[:, None], idx[None, :]] = c
+    return out
+
+
 @contextmanager
-def capture(model: Transformer, what=ALL):
-    cap = Capture(model, what)
+def capture(model: Transformer, what: str | Iterable[str] = ALL, **options):
+    """Context manager: hooks attached inside, removed on exit (also on error). Options as for `Capture`."""
+    cap = Capture(model, what, **options)
     with cap:
         yield cap
