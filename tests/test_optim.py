@@ -12,6 +12,16 @@ from dsv4.train.optim import build_optimizer, newton_schulz, param_kind
 from conftest import random_tiny
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run thousands of small kernels per step; on a busy 2-core machine two OpenMP threads wait on
+    each other at every one of them (measured: 30 s instead of 0.4 s per step). One thread avoids that."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64), (64, 64), (4, 48, 96)])
 def test_hybrid_newton_schulz_lands_singular_values_at_one(shape):
     torch.manual_seed(0)
@@ -138,6 +148,7 @@ def _grads(step):
 def _fsdp_worker(rank, world, init_file, out_file):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     m = _toy()
     fully_shard(m[0])

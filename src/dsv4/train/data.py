@@ -224,6 +224,8 @@ def build_shards(files: Iterable[str | Path], out_dir: str | Path, tokenizer, va
     def flush_batch(texts: list[str]) -> None:
         nonlocal n_doc, pending
         for ids in encode_batch(texts):
+            if len(ids) == 0:                         # empty files (an empty __init__.py) are no documents
+                continue
             doc = np.empty(len(ids) + 2, np.uint32)
             doc[0], doc[1:-1], doc[-1] = bos, ids, eos
             if pending is not None:

@@ -23,8 +23,9 @@ no group. `wo_a` is g independent [o_lora, h·d/g] matrices stored stacked, so i
 FSDP2: parameters, gradients and the momentum are DTensors sharded on dim 0. Muon gathers the full Nesterov
 matrix (`full_tensor()`, an all-gather), every rank runs Newton–Schulz on it (the same result everywhere), and
 each keeps its own rows (`distribute_tensor(..., src_data_rank=None)`, no communication). AdamW is
-element-wise and runs on the local shards unchanged. state_dict() stores local tensors keyed by parameter
-name, so a resume needs the same world size (the trainer checks it).
+element-wise and runs on the local shards unchanged. The optimizer state is kept as plain local tensors
+(the shard's rows) and state_dict() stores them keyed by parameter name, so a resume needs the same world size
+(the trainer checks it).
 """
 from __future__ import annotations
 
@@ -86,8 +87,30 @@ def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor"
 
 
-def _local(t):
-    return t.to_local().clone() if _is_dtensor(t) else (t.clone() if torch.is_tensor(t) else t)
+def _view(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor as a plain tensor sharing its storage (in-place ops write through)."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _gather_full(us: list[torch.Tensor]) -> torch.Tensor:
+    """Same-shape matrices -> their full values stacked [K, n, m]. FSDP2 DTensors (1-D mesh, rows sharded
+    like torch.chunk) take one padded all-gather for the whole list; other layouts use full_tensor()."""
+    if not _is_dtensor(us[0]):
+        return torch.stack(us)
+    from torch.distributed.tensor import Shard
+    u0 = us[0]
+    if u0.device_mesh.ndim != 1 or tuple(u0.placements) != (Shard(0),):
+        return torch.stack([u.full_tensor() for u in us])
+    import torch.distributed as dist
+    mesh, (rows, cols) = u0.device_mesh, u0.shape
+    world, chunk = mesh.size(), -(-u0.shape[0] // mesh.size())
+    sizes = [max(0, min(chunk, rows - r * chunk)) for r in range(world)]    # torch.chunk's split
+    local = torch.stack([u.to_local() for u in us])                          # [K, own rows, m]
+    padded = local.new_zeros(len(us), chunk, cols)
+    padded[:, :local.shape[1]] = local
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded, group=mesh.get_group())
+    return torch.cat([o[:, :n] for o, n in zip(out, sizes)], dim=1)           # [K, n, m]
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -108,50 +131,61 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if group["kind"] == "muon":
-                    self._muon(p, group, group["blocks"][i])
-                else:
+            live = [(p, b) for p, b in zip(group["params"], group["blocks"]) if p.grad is not None]
+            if group["kind"] == "muon":
+                self._muon_group(live, group)
+            else:
+                for p, _ in live:
                     self._adamw(p, group)
         return loss
 
-    def _muon(self, p: torch.Tensor, group: dict, blocks: int) -> None:
-        st = self.state[p]
-        if "momentum" not in st:
-            st["momentum"] = torch.zeros_like(p.grad)
-        buf = st["momentum"].mul_(group["momentum"]).add_(p.grad)        # M_t = μ M_{t−1} + G_t
-        u = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-        full = u.full_tensor() if _is_dtensor(u) else u                  # the whole matrix, on every rank
-        mat = full.reshape(blocks, full.shape[0] // blocks, full.shape[1])
-        dtype = self.ns_dtype or (torch.bfloat16 if full.is_cuda else torch.float32)
-        o = newton_schulz(mat, group["ns_steps"], dtype=dtype)
-        o = (o * (math.sqrt(max(mat.shape[1:])) * group["rms_scale"])).reshape(full.shape)
-        if _is_dtensor(u):
-            from torch.distributed.tensor import distribute_tensor
-            o = distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)   # keep our rows
+    def _muon_group(self, live: list[tuple[torch.Tensor, int]], group: dict) -> None:
+        """Matrices of one shape (all experts' w1, say) are gathered with one collective (FSDP2) and
+        orthogonalised in one batched Newton–Schulz: a few large ops instead of hundreds of tiny ones."""
+        by_shape: dict[tuple, list] = {}
+        for p, blocks in live:
+            st = self.state[p]
+            g = _view(p.grad)
+            if "momentum" not in st:
+                st["momentum"] = torch.zeros_like(g)
+            buf = st["momentum"].mul_(group["momentum"]).add_(g)             # M_t = μ M_{t−1} + G_t
+            u = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+            if _is_dtensor(p.grad):
+                from torch.distributed.tensor import DTensor
+                u = DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            by_shape.setdefault((tuple(p.shape), blocks, p.dtype, p.device), []).append((p, u))
         lr = group["lr"]
-        p.mul_(1 - lr * group["weight_decay"])
-        p.add_(o.to(p.dtype), alpha=-lr)
+        for (shape, blocks, _, device), items in by_shape.items():
+            fulls = _gather_full([u for _, u in items])                      # [K, n, m] whole matrices
+            mats = fulls.reshape(len(items) * blocks, shape[0] // blocks, shape[1])
+            dtype = self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            o = newton_schulz(mats, group["ns_steps"], dtype=dtype)
+            o = o * (math.sqrt(max(mats.shape[1:])) * group["rms_scale"])
+            for (p, _), upd in zip(items, o.split(blocks)):
+                upd = upd.reshape(shape)
+                if _is_dtensor(p):
+                    from torch.distributed.tensor import distribute_tensor
+                    upd = distribute_tensor(upd, p.device_mesh, p.placements, src_data_rank=None)  # our rows
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(upd.to(p.dtype), alpha=-lr)
 
     def _adamw(self, p: torch.Tensor, group: dict) -> None:
         st = self.state[p]
+        w, g = _view(p), _view(p.grad)                   # element-wise: local shards are all we need
         if "exp_avg" not in st:
             st["step"] = 0
-            st["exp_avg"] = torch.zeros_like(p)
-            st["exp_avg_sq"] = torch.zeros_like(p)
+            st["exp_avg"] = torch.zeros_like(w)
+            st["exp_avg_sq"] = torch.zeros_like(w)
         b1, b2 = group["betas"]
         st["step"] += 1
         t = st["step"]
-        g = p.grad
         st["exp_avg"].lerp_(g, 1 - b1)
         st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
         denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
         lr = group["lr"]
         wd = 0.0 if group["kind"] == "adamw_nodecay" else group["weight_decay"]
-        p.mul_(1 - lr * wd)
-        p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+        w.mul_(1 - lr * wd)
+        w.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
 
     # ------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -161,7 +195,7 @@ class MuonAdamW(torch.optim.Optimizer):
         for g in self.param_groups:
             for name, p in zip(g["names"], g["params"]):
                 if p in self.state:
-                    state[name] = {k: _local(v) for k, v in self.state[p].items()}
+                    state[name] = {k: v.clone() if torch.is_tensor(v) else v for k, v in self.state[p].items()}
         return {"param_groups": groups, "state": state}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -190,9 +224,6 @@ class MuonAdamW(torch.optim.Optimizer):
             raise OptimError(f"optimizer state for {name} has shape {tuple(v.shape)}, the parameter "
                              f"{tuple(local.shape)} here (different model or world size?)")
         v = v.to(device=local.device, dtype=local.dtype).clone()
-        if _is_dtensor(p):
-            from torch.distributed.tensor import DTensor
-            v = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
         return v
 
 

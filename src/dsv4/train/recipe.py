@@ -48,19 +48,50 @@ def compute_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor
 @torch.no_grad()
 def update_gate_biases(model: torch.nn.Module, speed: float) -> float:
     """Aux-loss-free balancing: after a step, raise the selection bias of under-loaded experts and lower that
-    of over-loaded ones by `speed` (sign update on the load accumulated since the last call). Returns the
-    mean max-violation (max load / mean load − 1) over layers, for logging."""
+    of over-loaded ones by `speed` (sign update on the load accumulated since the last call, summed over all
+    ranks). Returns the mean max-violation (max load / mean load − 1) over layers, for logging.
+    Under FSDP2 the bias is a sharded DTensor: the (identical on every rank) update is applied to our rows."""
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     viol = []
     for m in model.modules():
-        if isinstance(m, MoE) and m.gate.bias is not None and m.load.sum() > 0:
-            load = m.load
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(load)
+        if not isinstance(m, MoE) or m.gate.bias is None:
+            continue
+        load = m.load
+        if dist:
+            torch.distributed.all_reduce(load)
+        if load.sum() > 0:
             mean = load.mean()
-            m.gate.bias.add_(speed * torch.sign(mean - load))
+            delta = speed * torch.sign(mean - load)
+            bias = m.gate.bias
+            if _is_dtensor(bias):
+                from torch.distributed.tensor import distribute_tensor
+                delta = distribute_tensor(delta.to(bias.dtype), bias.device_mesh, bias.placements, src_data_rank=None)
+            bias.add_(delta)
             viol.append(float(load.max() / mean - 1))
-            load.zero_()
+        load.zero_()
     return sum(viol) / len(viol) if viol else 0.0
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def dense_expert_grads(model: torch.nn.Module) -> list:
+    """Give every routed expert a gradient every step, zero when it got no tokens (the loop path only runs
+    experts that were picked). Why: under FSDP2 each rank must reduce the same set of gradients, and an
+    expert idle on one rank but busy on another would break that; it also makes one process and many agree
+    (an idle expert still gets momentum and weight decay, as with the dense gradient buffers of large-scale
+    training). Adds 0·Σ(expert weights) to the MoE output while training. Returns the hook handles."""
+    def hook(mod, args, out):
+        if not mod.training:
+            return out
+        zero = sum(p.sum() for e in mod.experts for p in e.parameters()) * 0.0
+        return out + zero.to(out.dtype)
+    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MoE)]
 
 
 # ------------------------------------------------------------------------------- anticipatory routing
@@ -91,9 +122,9 @@ class SpikeDetector:
 
 
 class AnticipatoryRouting:
-    """Keeps the gate parameters of the last `delta` steps. On a loss spike, expert *selection* switches to
-    the parameters from `delta` steps earlier (routing weights still use the current ones) for `duration`
-    steps, then switches back."""
+    """Keeps the gate parameters of the last `delta` steps. On a loss spike, expert *selection* at step t uses
+    the gate parameters of step t − delta (a sliding lag; the routing weights still use the current ones) for
+    `duration` steps, then switches back. Spike detection pauses while it is on."""
 
     def __init__(self, model: torch.nn.Module, delta: int = 10, duration: int = 50, detector: SpikeDetector | None = None):
         self.gates = [m.gate for m in model.modules() if isinstance(m, MoE) and not m.gate.hash]
@@ -105,23 +136,27 @@ class AnticipatoryRouting:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        """Call once per step, after the optimizer step."""
-        self.history.append([(g.weight.detach().clone(), g.bias.detach().clone()) for g in self.gates])
+        """Call once per step, after the optimizer step (full tensors, also under FSDP2)."""
+        self.history.append([(_full(g.weight.detach()).clone(), _full(g.bias.detach()).clone()) for g in self.gates])
+        if self.remaining > 0:
+            self._route_with(self.history[0])
+
+    def _route_with(self, params) -> None:
+        for g, p in zip(self.gates, params):
+            g.route_params = p
 
     def observe(self, step: int, loss: float) -> str | None:
-        """Feed this step's loss; returns 'on' / 'off' when the routing mode changes (for the log)."""
+        """Feed this step's loss (the same value on every rank); returns 'on' / 'off' when the routing mode
+        changes (for the log)."""
         if self.remaining > 0:
             self.remaining -= 1
             if self.remaining == 0:
-                for g in self.gates:
-                    g.route_params = None
+                self._route_with([None] * len(self.gates))
                 self.events.append({"step": step, "event": "off"})
                 return "off"
             return None
         if self.detector(loss) and len(self.history) > 0:
-            old = self.history[0]                          # the oldest kept: `delta` steps back when full
-            for g, p in zip(self.gates, old):
-                g.route_params = p
+            self._route_with(self.history[0])              # the oldest kept: `delta` steps back when full
             self.remaining = self.duration
             self.events.append({"step": step, "event": "on", "loss": loss, "steps_back": len(self.history) - 1})
             return "on"
@@ -130,6 +165,18 @@ class AnticipatoryRouting:
     @property
     def active(self) -> bool:
         return self.remaining > 0
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "remaining": self.remaining, "events": list(self.events),
+                "detector": self.detector.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        dev = self.gates[0].weight.device if self.gates else "cpu"
+        self.history.clear()
+        self.history.extend([[(w.to(dev), b.to(dev)) for w, b in snap] for snap in sd["history"]])
+        self.remaining, self.events = sd["remaining"], list(sd["events"])
+        self.detector.load_state_dict(sd["detector"])
+        self._route_with(self.history[0] if self.remaining > 0 else [None] * len(self.gates))
 
 
 # ----------------------------------------------------------------------------------------- schedules
