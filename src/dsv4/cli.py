@@ -74,7 +74,7 @@ def _extra_commands() -> list:
     from .inference.commands import register as inference_cmds
     cmds = [inference_cmds]
     # [train] (helper: replace this line)
-    # [inspect] (helper: replace this line)
+    from .inspect.commands import register as inspect_cmds; cmds.append(inspect_cmds)
     return cmds
 
 
