@@ -127,6 +127,7 @@ def test_plain_round_trip_is_bit_identical(tmp_path):
     assert shards(tmp_path / "ck") == ["model-00001-of-00001.safetensors"]
     index = json.loads((tmp_path / "ck" / INDEX_FILE).read_text())
     assert set(index["weight_map"]) == set(m.state_dict())
+    assert not any(k.endswith(("inv_freq", ".load")) for k in index["weight_map"])     # non-persistent buffers
     m2 = dsv4.load(tmp_path / "ck", progress=False)
     assert m2.numerics == "plain"
     sd, sd2 = m.state_dict(), m2.state_dict()
@@ -240,6 +241,17 @@ def test_official_hub_name_variants_load(official, tmp_path):
     m2 = dsv4.load(alt, progress=False)
     assert torch.equal(m2.layers[1].attn.wq_b.weight, m.layers[1].attn.wq_b.weight)
     assert torch.equal(m2.layers[1].ffn.experts[0].w1.weight, m.layers[1].ffn.experts[0].w1.weight)
+    # convert.py's output: experts re-tagged float4_e2m1fn_x2, wo_a dequantised to bf16, MTP copies of embed / head
+    d = load_file(ck / shards(ck)[0])
+    for k in [k for k in d if k.endswith("wo_a.weight")]:
+        d[k] = dequant_fp8_blocks(d[k], d.pop(k[:-6] + "scale"), dtype=torch.bfloat16)
+    d = {k: v.view(torch.float4_e2m1fn_x2) if v.dtype == torch.int8 else v for k, v in d.items()}
+    d["mtp.0.emb.tok_emb.weight"], d["mtp.0.head.weight"] = d["embed.weight"].clone(), d["head.weight"].clone()
+    (alt / "model.safetensors").unlink()
+    save_file(d, str(alt / "model0-mp1.safetensors"))
+    m3 = dsv4.load(alt, progress=False)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m3.state_dict()[k]), k
 
 
 def test_official_format_needs_official_sizes(tmp_path):

@@ -212,7 +212,8 @@ def load_state_into(model: nn.Module, path, dtype: torch.dtype = torch.float32, 
     path = Path(path)
     device = _normalise_device(device)
     files, index_map = _checkpoint_files(path)
-    expected = model.state_dict(keep_vars=True)
+    # meta stand-ins: holding the real tensors here would keep replaced ones alive until the end
+    expected = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
     with ExitStack() as stack:
         handles = {f: stack.enter_context(_open(f)) for f in files}
         plan = _plan_load(path, expected, handles, index_map, _block_from_config(path))
