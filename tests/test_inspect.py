@@ -127,6 +127,8 @@ def test_jaccard_family():
     b = torch.tensor([[2, 1, 0], [6, 7, 3], [1, 2, -1]])
     ref = [M.jaccard([v for v in x if v >= 0], [v for v in y if v >= 0]) for x, y in zip(a.tolist(), b.tolist())]
     assert M.rowwise_jaccard(a, b).tolist() == pytest.approx(ref)
+    dup = M.rowwise_jaccard(torch.tensor([[3, 3, 1], [2, 2, 2]]), torch.tensor([[3, 1, 1], [2, 5, 5]]))
+    assert dup.tolist() == pytest.approx([1.0, 0.5])                             # repeats count once
     assert M.routing_agreement([[1, 2], [2, 1], [1, 2]]) == {"mean_jaccard": 1.0, "identical_fraction": 1.0, "n": 3}
     r = M.routing_agreement([[1, 2], [1, 3]])
     assert r["mean_jaccard"] == pytest.approx(1 / 3) and r["identical_fraction"] == 0.0
@@ -410,3 +412,17 @@ def test_cli_inspect_tiny(tmp_path, capsys):
     assert "random weights" in capsys.readouterr().out
     assert main(["inspect", "--out", str(out)]) == 2                              # no model given
     assert main(["inspect", "--preset", "tiny", "--out", str(out), "--modes", "dream"]) == 2
+
+
+def test_cli_inspect_checkpoint(tmp_path):
+    import dsv4
+    from dsv4.cli import main
+    dsv4.save(random_tiny(5), tmp_path / "ckpt")
+    pf = tmp_path / "p.json"
+    pf.write_text(json.dumps([{"name": "only", "text": "A short prompt."}]))
+    rc = main(["inspect", "--ckpt", str(tmp_path / "ckpt"), "--prompts", str(pf), "--modes", "raw",
+               "--what", "blocks", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 0
+    data = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert data["meta"]["random_weights"] is False and data["runs"][0]["label"] == "only"
+    assert main(["inspect", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o")]) == 2     # no config.json

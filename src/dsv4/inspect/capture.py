@@ -129,13 +129,14 @@ class Capture:
 
         sel = M.subsample_positions(s, self.gram_tokens).to(h.device)
         x = h[sel].double().transpose(0, 1)                                        # [n, m, D]
-        grams = (x @ x.transpose(1, 2)).cpu()                                      # [n, m, m] one per copy
+        grams = x @ x.transpose(1, 2)                                              # [n, m, m] one per copy (on device)
         full = grams.sum(0)                                                        # Gram of the concatenated copies
         if x.shape[0] * x.shape[2] < full.shape[0]:                               # few features: SVD is cheaper
             flat = x.transpose(0, 1).flatten(1)                                    # [m, n·D]
-            sv, sv_nb = M.singular_values(flat).cpu(), M.singular_values(flat[1:]).cpu()
+            sv, sv_nb = M.singular_values(flat), M.singular_values(flat[1:])
         else:
             sv, sv_nb = M.singular_values_from_gram(full), M.singular_values_from_gram(full[1:, 1:])
+        sv, sv_nb = sv.cpu(), sv_nb.cpu()
         L["erank"], L["pr"] = M.effective_rank(sv), M.participation_ratio(sv)
         L["erank_nobos"], L["pr_nobos"] = M.effective_rank(sv_nb), M.participation_ratio(sv_nb)
         m = full.shape[0]
@@ -155,7 +156,7 @@ class Capture:
     def _unit_centered(k: torch.Tensor) -> torch.Tensor | None:
         kc = M.center_gram(k)
         nrm = kc.norm()
-        return (kc / nrm).float().flatten() if nrm > 0 else None
+        return (kc / nrm).float().flatten().cpu() if nrm > 0 else None
 
     def _lens(self, i: int, out: torch.Tensor) -> None:
         """Logit lens: this layer's streams through the final hc_head, norm and head, `lens_chunk` tokens at a time."""

@@ -238,12 +238,18 @@ def jaccard(a: Iterable, b: Iterable) -> float:
 
 
 def rowwise_jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row Jaccard of two id matrices a, b [n, k] whose rows hold distinct ids (top-k expert picks; −1 entries
-    are ignored). -> [n] float64."""
-    _need(a.dim() == 2 and a.shape[0] == b.shape[0], f"rowwise_jaccard: need [n, k] inputs with equal n, "
-          f"got {tuple(a.shape)} and {tuple(b.shape)}")
-    va, vb = a >= 0, b >= 0
-    inter = ((a[:, :, None] == b[:, None, :]) & va[:, :, None] & vb[:, None, :]).sum((1, 2)).double()
+    """Per-row Jaccard of the id sets in two matrices a [n, k1], b [n, k2] (top-k expert picks; −1 entries are
+    ignored, repeated ids count once). -> [n] float64; 1 where both rows are empty."""
+    _need(a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[0], f"rowwise_jaccard: need [n, k] inputs with "
+          f"equal n, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+    def distinct(x):                                   # valid and not a repeat of an earlier entry in its row
+        earlier = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).tril(-1)
+        repeat = ((x[:, :, None] == x[:, None, :]) & earlier).any(-1)
+        return (x >= 0) & ~repeat
+
+    va, vb = distinct(a), distinct(b)
+    inter = (((a[:, :, None] == b[:, None, :]) & vb[:, None, :]).any(-1) & va).sum(1).double()
     union = va.sum(1).double() + vb.sum(1).double() - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
 

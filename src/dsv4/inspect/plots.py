@@ -23,7 +23,7 @@ def _save(fig, path: Path) -> bool:
     for ax in fig.axes:
         if ax.get_xlabel() == "layer":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.get_ylabel() in ("layer", "head"):
+        if ax.get_ylabel() in ("layer", "head", "dead experts"):
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
