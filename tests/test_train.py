@@ -250,3 +250,21 @@ def test_fsdp2_two_processes_match_one(tmp_path, shards):
     for k, v in single.model.state_dict().items():
         if v.is_floating_point() and not torch.equal(v, init[k]):
             assert (two[k] - v).norm() <= 0.02 * (v - init[k]).norm(), k
+
+
+# ---------------------------------------------------------------------------------------- command line
+def test_dsv4_train_command(tmp_path, shards, capsys):
+    from dsv4.cli import main
+    args = ["train", "--preset", "tiny", "--steps", "2", "--batch", "2", "--seq", "16", "--out", str(tmp_path),
+            "--save-every", "2", "--eval-every", "0", "--no-progress", "--residual", "hc",
+            "--set", f"data_dir={shards}", "--set", "data_limit_mb=0.4", "--set", "val_fraction=0.05"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "starting at step 0" in out and "done: step 2" in out
+    assert (tmp_path / "latest").read_text().strip() == "step_0000002"
+    cfg = __import__("json").loads((tmp_path / "step_0000002" / "config.json").read_text())
+    assert cfg["residual"] == "hc" and cfg["dsv4_tokenizer"] == "bytes"
+    assert main(args[:4] + ["4"] + args[5:]) == 0                     # resumes from latest by default
+    assert "resumed at step 2" in capsys.readouterr().out
+    assert main(["train", "--set", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err

@@ -228,6 +228,7 @@ class Trainer:
                 raise TrainError(f"shards in {shard_dir} use {meta['vocab_size']} token ids but the model's "
                                  f"vocab_size is {self.cfg.vocab_size}")
             self.shard_dir = shard_dir
+            self.tokenizer_name = meta["tokenizer"]
             self.loader = TokenLoader(shard_dir, tc.batch // self.world, tc.seq, seed=tc.seed, rank=self.rank,
                                       world=self.world, split="train")
         except DataError as e:
@@ -260,7 +261,8 @@ class Trainer:
         sd = self._full_state_dict()                       # collective under FSDP2: every rank calls it
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            save_state(sd, tmp, self.cfg.to_dict())
+            # the tokenizer the shards were made with, so tools can tell byte-level models apart
+            save_state(sd, tmp, {**self.cfg.to_dict(), "dsv4_tokenizer": self.tokenizer_name})
             torch.save(self._common_state(), tmp / "trainer_state.pt")
         self._barrier()
         torch.save(self._rank_state(), tmp / f"rank_{self.rank}.pt")
