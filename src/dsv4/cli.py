@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list:
     from .inference.commands import register as inference_cmds
     cmds = [inference_cmds]
-    # [train] (helper: replace this line)
+    from .train.commands import register as train_cmds; cmds.append(train_cmds)
     from .inspect.commands import register as inspect_cmds; cmds.append(inspect_cmds)
     return cmds
 
