@@ -146,7 +146,7 @@ def routing(rep: dict, path: Path) -> bool:
         return False
     n = len(pl["bos_norm"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(_layers(n), _arr(pl["bos_routing_jaccard"]), marker="o", ms=3, label="BOS across prompts")
+    a.plot(_layers(n), _arr(pl["bos_routing_jaccard"]), marker="o", ms=6, lw=4, alpha=0.5, label="BOS across prompts")
     a.plot(_layers(n - 1) + 0.5, _arr(pl["bos_jaccard_next_layer"]), marker="s", ms=3,
            label="BOS, layer l vs l+1")
     md = rep.get("modes") or {}
