@@ -150,9 +150,11 @@ def _fsdp_worker(rank, world, init_file, out_file):
     from torch.distributed.fsdp import fully_shard
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))                       # CPU even where a GPU exists
     m = _toy()
-    fully_shard(m[0])
-    fully_shard(m)
+    fully_shard(m[0], mesh=mesh)
+    fully_shard(m, mesh=mesh)
     opt = build_optimizer(m, lr=0.05, weight_decay=0.1)
     assert type(m[0].weight).__name__ == "DTensor"
     for step in range(3):

@@ -34,7 +34,7 @@ def shards(tmp_path_factory):
 def _tc(out, data_dir, **kw) -> TrainConfig:
     base = dict(model="tiny", out_dir=str(out), data_dir=str(data_dir), data_limit_mb=0.4, val_fraction=0.05,
                 steps=6, batch=2, seq=32, warmup=2, lr=1e-2, eval_every=0, save_every=0, progress=False,
-                tensorboard=False)
+                tensorboard=False, device="cpu")
     return TrainConfig(**{**base, **kw})
 
 

@@ -34,8 +34,9 @@ def _init_distributed() -> bool:
     import torch.distributed as dist
     if not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl")
+            local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", device_id=local)
         else:
             dist.init_process_group("gloo")
     return True

@@ -202,10 +202,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ setup
     def _shard(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        # explicit mesh on the model's device type: left alone, FSDP2 picks CUDA whenever a GPU exists
+        mesh = init_device_mesh(self.device.type, (self.world,))
         for blk in self.model.layers:
-            fully_shard(blk)
-        fully_shard(self.model)
+            fully_shard(blk, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
         register_fsdp_forward_method(self.model, "mtp_forward")
 
     def _build_data(self) -> None:
