@@ -87,7 +87,7 @@ def dense_expert_grads(model: torch.nn.Module) -> list:
     (an idle expert still gets momentum and weight decay, as with the dense gradient buffers of large-scale
     training). Adds 0·Σ(expert weights) to the MoE output while training. Returns the hook handles."""
     def hook(mod, args, out):
-        if not mod.training:
+        if not mod.training or mod._grouped(args[0]):   # the grouped path stacks (so differentiates) all experts
             return out
         zero = sum(p.sum() for e in mod.experts for p in e.parameters()) * 0.0
         return out + zero.to(out.dtype)
