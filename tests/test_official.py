@@ -31,6 +31,29 @@ def assert_agrees(err: torch.Tensor, what: str) -> None:
         f"{s['frac_over_tol']:.1%} of {s['n']} positions over {H.TOL}")
 
 
+def _edge_blocks(qmax: float, block: int) -> torch.Tensor:
+    """Random blocks whose amax sits exactly on, or a few ulps around, qmax·2^k (where a floating-point log2
+    would pick a different power-of-two scale than the kernels' exponent-bit arithmetic)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(400, block, generator=g)
+    k = torch.randint(-12, 6, (400,), generator=g).float()
+    amax = (qmax * torch.exp2(k)).view(torch.int32) + torch.randint(-3, 4, (400,), generator=g, dtype=torch.int32)
+    x = x / x.abs().amax(-1, keepdim=True) * 0.99 * amax.view(torch.float32)[:, None]
+    x[:, 0] = amax.view(torch.float32)
+    return x
+
+
+def test_roundings_equal_the_kernel_stand_ins_bit_for_bit():
+    """dsv4.numerics against the harness's act_quant / fp4_act_quant (written from kernel_tilelang.py), on
+    random data and on amax values at the power-of-two boundaries of the scales."""
+    from dsv4.numerics import fp4_roundtrip, fp8_roundtrip
+    for x in (torch.randn(64, 256, generator=torch.Generator().manual_seed(6)) * 3, _edge_blocks(448.0, 128)):
+        ref = H.k_act_quant(x.clone(), 128, "ue8m0", torch.float8_e8m0fnu, inplace=True)
+        assert torch.equal(fp8_roundtrip(x, 128), ref)
+    for x in (torch.randn(64, 256, generator=torch.Generator().manual_seed(7)), _edge_blocks(6.0, 32)):
+        assert torch.equal(fp4_roundtrip(x, 32), H.k_fp4_act_quant(x.clone(), 32, inplace=True))
+
+
 def test_fixture_is_small_and_complete(case):
     m, ids, ref = case
     assert H.FIXTURE.stat().st_size < 2_000_000

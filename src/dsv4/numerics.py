@@ -14,8 +14,14 @@ FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
 def _pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """Smallest power of two s with amax / s <= qmax (the ue8m0 scale of the official kernels)."""
-    return torch.exp2(torch.ceil(torch.log2(amax / qmax)))
+    """The ue8m0 scale of the official kernels: 2^ceil(log2(amax · (1/qmax))), bit-exact with them.
+
+    Computed as they do: fp32 product with the fp32 reciprocal, then an exact ceil-log2 from the exponent
+    (frexp), not a floating-point log2, which rounds to an integer when amax is a few ulps above qmax·2^k
+    and so picks half the kernels' scale there."""
+    v = amax.float() * torch.tensor(1.0 / qmax, dtype=torch.float32)
+    mant, exp = torch.frexp(v)                                       # v = mant · 2^exp, mant in [0.5, 1)
+    return torch.ldexp(torch.ones_like(v), exp - (mant == 0.5).to(exp.dtype))
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
