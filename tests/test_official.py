@@ -167,3 +167,32 @@ def test_live_against_official_code():
     fx = torch.load(H.FIXTURE, weights_only=True)
     assert H.pos_err(pre["logits"], fx["logits"], 2).median() < H.TOL, \
         "fixture is stale: rerun `python tests/official_harness.py --write-fixture`"
+
+
+@pytest.mark.skipif(H.official_code_dir() is None,
+                    reason=f"official inference code not found (set DSV4_OFFICIAL_CODE; default {H.DEFAULT_CODE_DIR})")
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_live_other_gate_scoring_functions(scoring):
+    """The official gate renormalises the chosen weights for sigmoid / sqrt-softplus but NOT for softmax
+    (transformers renormalises always); dsv4 follows the official code."""
+    from dsv4.config import preset
+    m, packed, ids = H.make_case(H.SEED, preset(H.PRESET).replace(scoring_func=scoring))
+    runner = H.OfficialRunner(H.load_official_module(H.official_code_dir()), m, packed, *ids.shape)
+    pre = runner.prefill_run(ids)
+    m.set_numerics("official")
+    assert_agrees(H.pos_err(H.dsv4_blocks(m, pre["h_in"], ids), pre["h_out"], 3), f"live blocks, {scoring} gate")
+
+
+def test_softmax_gate_weights_are_not_renormalised():
+    """Pinned without the official code too: with softmax scoring the routing weights are the chosen
+    probabilities times routed_scaling_factor, so they sum to less than the factor."""
+    from dsv4.config import preset
+    from dsv4.model.moe import Gate
+    cfg = preset(H.PRESET).replace(scoring_func="softmax")
+    gate = Gate(cfg, layer_id=cfg.num_hash_layers)
+    torch.nn.init.normal_(gate.weight, std=0.02, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(10, cfg.hidden_size, generator=torch.Generator().manual_seed(9))
+    w, idx = gate(x, None)
+    probs = (x @ gate.weight.t()).softmax(-1)
+    assert torch.allclose(w, probs.gather(1, idx) * cfg.routed_scaling_factor)
+    assert (w.sum(-1) < cfg.routed_scaling_factor - 1e-3).all()
