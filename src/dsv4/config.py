@@ -184,6 +184,11 @@ class ModelConfig:
         extra = {k: v for k, v in d.items() if k not in known}
         if "compress_ratios" in kwargs:
             kwargs["compress_ratios"] = list(kwargs["compress_ratios"])
+            # transformers-style configs list the main layers only; the MTP blocks' attention is then
+            # sliding-window only (ratio 0), which is what the official configs give them too
+            n_main, n_mtp = kwargs.get("num_hidden_layers"), kwargs.get("num_nextn_predict_layers", 1)
+            if n_main is not None and len(kwargs["compress_ratios"]) == n_main:
+                kwargs["compress_ratios"] += [0] * n_mtp
         cfg = cls(**kwargs, extra=extra)
         return cfg.validate()
 

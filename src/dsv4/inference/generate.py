@@ -65,7 +65,7 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
     caches = model.new_caches(B, total, mtp=False)
     start = min(lens)
-    logits = model(tokens[:, :start], 0, caches)[:, -1]
+    logits = prefill(model, tokens[:, :start], caches)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     produced = [0] * B
     for cur in range(start, total):
@@ -86,6 +86,15 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
         if all(done[i] or produced[i] >= max_new_tokens for i in range(B)) and cur >= max(lens) - 1:
             return
         logits = model(tokens[:, cur:cur + 1], cur, caches)[:, -1]
+
+
+def prefill(model: Transformer, ids: torch.Tensor, caches, chunk: int = 8192) -> torch.Tensor:
+    """Fill the caches with ids [b, L] in pieces of `chunk` tokens (same cache as one pass, bounded activation
+    memory at any prompt length) -> logits of the last position [b, vocab]."""
+    logits = None
+    for c0 in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, c0:c0 + chunk], c0, caches, last_only=True)[:, -1]
+    return logits
 
 
 def generate(model: Transformer, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,

@@ -74,12 +74,12 @@ class Indexer(nn.Module):
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q [b,C,H,c], w [b,C,H], keys [b,N,c], t [C] absolute positions -> entry ids [b, C, k], −1 = none.
-        Queries are scored in sub-chunks so the [C', H, N] score tensor stays under ~256 MB at any length."""
+        Queries are scored in sub-chunks so the [C', H, N] score tensor stays under 2^28 elements at any length."""
         n = keys.shape[1]
         k = min(self.topk, n)
         if k == 0:
             return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.long, device=q.device)
-        step = max(1, (64 << 20) // max(1, q.shape[0] * self.n_heads * n))
+        step = max(1, (256 << 20) // max(1, q.shape[0] * self.n_heads * n))
         out = []
         for c0 in range(0, q.shape[1], step):
             qc, wc, tc = q[:, c0:c0 + step], w[:, c0:c0 + step], t[c0:c0 + step]

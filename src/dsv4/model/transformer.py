@@ -71,6 +71,8 @@ class MTPBlock(Block):
 
 
 class Transformer(nn.Module):
+    head_fp32 = True    # False: the output head runs in the model dtype (bf16 training: 2x fewer head FLOPs' time)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -109,7 +111,9 @@ class Transformer(nn.Module):
         else:
             x = hc_head(h, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, self.cfg.hc_eps,
                         self.cfg.rms_norm_eps)
-        return F.linear(norm(x).float(), self.head.weight.float())                 # fp32 head, as official
+        if self.head_fp32:                                                          # fp32 head, as official
+            return F.linear(norm(x).float(), self.head.weight.float())
+        return F.linear(norm(x), self.head.weight.to(x.dtype)).float()
 
     def hidden(self, input_ids: torch.Tensor, start_pos: int = 0, caches: list[AttnCache] | None = None) -> torch.Tensor:
         """Final residual streams [b, s, n, D] (what MTP and the dissection hooks consume)."""
@@ -119,11 +123,12 @@ class Transformer(nn.Module):
         return h
 
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0, caches: list[AttnCache] | None = None,
-                return_hidden: bool = False):
-        """input_ids [b, s] at positions start_pos… -> logits [b, s, vocab] (fp32) for every position."""
+                return_hidden: bool = False, last_only: bool = False):
+        """input_ids [b, s] at positions start_pos… -> logits [b, s, vocab] (fp32) for every position
+        (last_only: [b, 1, vocab], all a prefill needs)."""
         self._check_ids(input_ids)
         h = self.hidden(input_ids, start_pos, caches)
-        logits = self._logits(h, self, self.norm)
+        logits = self._logits(h[:, -1:] if last_only else h, self, self.norm)
         return (logits, h) if return_hidden else logits
 
     def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int = 0, cache: AttnCache | None = None,

@@ -1,0 +1,244 @@
+"""dsv4 speed and memory on one GPU, on the shared bench config (benchmarks/bench_small.json, a copy of
+../shared/bench/bench_small.json: 1.17B params, V4 layout), bf16, random weights.
+
+    python benchmarks/bench_gpu.py --out DIR [--sections train,prefill,decode,compile] [--max-context 1048576]
+
+Measures (each printed as one JSON line as it finishes, all collected in DIR/dsv4_gpu.json):
+  train     forward+backward tok/s and peak memory at b1x4096 and b2x4096, LM loss only (what the
+            transformers baseline measures) and with the MTP loss of the V4 recipe; MFU against the bf16
+            matmul peak measured in the same run
+  compile   the same training step with every block under torch.compile
+  prefill   tok/s and peak memory from 4K to --max-context tokens: one pass up to 32K, chunked prefill
+            through the KV cache beyond (linear cost; activations bounded by the chunk)
+  decode    greedy tokens/s after a 2048-token prompt at batch 1, 16 and 64, plus the KV-cache bytes of
+            the allocated cache against the formula of `dsv4 kv`
+Times are medians over repetitions after a warm-up, with torch.cuda.synchronize around each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from dsv4.config import load_config, param_counts  # noqa: E402
+from dsv4.inference.generate import generate, prefill  # noqa: E402
+from dsv4.inference.kv import kv_report  # noqa: E402
+from dsv4.model import Transformer, init_weights  # noqa: E402
+
+RESULTS: list[dict] = []
+TRAIN_SHAPES = [(1, 4096), (2, 4096)]
+DECODE = {"batches": (1, 16, 64), "prompt": 2048, "new": 64, "kv_context": 1 << 20}
+
+
+def log(**kw) -> None:
+    RESULTS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def timed(fn, reps: int = 3) -> float:
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def matmul_peak() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    t = timed(lambda: [a @ b for _ in range(10)], 3) / 10
+    return 2 * 8192 ** 3 / t
+
+
+def build(cfg) -> Transformer:
+    torch.manual_seed(0)
+    model = init_weights(Transformer(cfg), seed=0)
+    return model.to(device="cuda", dtype=torch.bfloat16)
+
+
+def train_flops_per_token(cfg, seq: int) -> float:
+    """6 x (active matmul parameters, embedding excluded) + attention products (fwd 4·h·d per attended key,
+    x3 with backward), counted per layer type at the average number of keys a query attends."""
+    pc = param_counts(cfg)
+    dense = 6 * (pc["active"] - cfg.vocab_size * cfg.hidden_size)
+    h, d, W, k = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window, cfg.index_topk
+    attn = 0.0
+    for r in cfg.compress_ratios[:cfg.num_hidden_layers]:
+        keys = min(W, seq / 2)
+        if r == 4:
+            keys += min(k, seq / 8)
+        elif r:
+            keys += seq / (2 * r)
+        attn += 3 * 4 * h * d * keys
+    return dense + attn
+
+
+def bench_train(cfg, model, peak, label: str, mtp: bool) -> None:
+    model.train()
+    V = cfg.vocab_size
+    for b, s in TRAIN_SHAPES:
+        ids = torch.randint(0, V, (b, s), device="cuda")
+
+        def step():
+            logits, h = model(ids, return_hidden=True)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            if mtp:
+                ml = model.mtp_forward(h[:, :-2], ids[:, 1:-1])
+                loss = loss + 0.3 * F.cross_entropy(ml.flatten(0, 1), ids[:, 2:].flatten())
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        try:
+            step()
+            torch.cuda.reset_peak_memory_stats()
+            t = timed(step, 3)
+            tok_s = b * s / t
+            mfu = tok_s * train_flops_per_token(cfg, s) / peak
+            log(what="train", impl=label, mtp=mtp, batch=b, seq=s, s=t, tok_s=tok_s, mfu=mfu,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        except torch.OutOfMemoryError:
+            log(what="train", impl=label, mtp=mtp, batch=b, seq=s, oom=True)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def bench_prefill(cfg, model, max_context: int, deadline: float) -> None:
+    model.eval()
+    V = cfg.vocab_size
+    seq = 4096
+    while seq <= max_context and time.time() < deadline:
+        ids = torch.randint(0, V, (1, seq), device="cuda")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            if seq <= 32768:
+                mode = "one pass"
+                fn = lambda: model(ids, last_only=True)  # noqa: E731
+            else:
+                mode = "chunked 8192 via KV cache"
+
+                def fn():
+                    caches = model.new_caches(1, seq, mtp=False)
+                    prefill(model, ids, caches, chunk=8192)
+            fn()
+            t = timed(fn, 2 if seq <= 65536 else 1)
+            log(what="prefill", seq=seq, mode=mode, s=t, tok_s=seq / t,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        except torch.OutOfMemoryError:
+            log(what="prefill", seq=seq, oom=True)
+            break
+        seq *= 2
+
+
+@torch.no_grad()
+def bench_decode(cfg, model) -> None:
+    model.eval()
+    V = cfg.vocab_size
+    P, new_n = DECODE["prompt"], DECODE["new"]
+    for batch in DECODE["batches"]:
+        prompts = torch.randint(0, V, (batch, P)).tolist()
+        try:
+            generate(model, prompts, max_new_tokens=4)                                  # warm-up
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = generate(model, prompts, max_new_tokens=new_n)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            new = sum(len(o) for o in out)
+            # the prefill is inside dt: time it alone and subtract
+            ids = torch.tensor(prompts, device="cuda")
+            tp = timed(lambda: prefill(model, ids, model.new_caches(batch, P + new_n, mtp=False)), 1)
+            log(what="decode", batch=batch, prompt=P, new_tokens=new, s=dt - tp, prefill_s=tp,
+                tok_s=new / (dt - tp), tok_s_per_seq=new / batch / (dt - tp))
+        except torch.OutOfMemoryError:
+            log(what="decode", batch=batch, oom=True)
+        torch.cuda.empty_cache()
+    ctx = DECODE["kv_context"]
+    measured = sum(c.nbytes() for c in model.new_caches(1, ctx, mtp=False))
+    formula = kv_report(cfg, ctx, bytes_per_value=next(model.parameters()).element_size(), include_mtp=False)["total_bytes"]
+    log(what="kv_cache", context=ctx, measured_bytes=measured, formula_bytes=formula)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--config", default=str(HERE / "bench_small.json"))
+    ap.add_argument("--sections", default="check,train,decode,prefill,compile")
+    ap.add_argument("--max-context", type=int, default=1 << 20)
+    ap.add_argument("--budget-s", type=float, default=540, help="stop starting new sections after this")
+    args = ap.parse_args()
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    sections = args.sections.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    cfg = load_config(args.config)
+    peak = matmul_peak()
+    log(what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, bf16_peak_tflops=peak / 1e12,
+        params=param_counts(cfg))
+    model = build(cfg)
+    Transformer.head_fp32 = False            # bf16 head, as the transformers baseline
+
+    if "check" in sections:                   # grouped experts on the GPU == the reference loop
+        from dsv4.model.moe import MoE
+        ids = torch.randint(0, cfg.vocab_size, (1, 512), device="cuda")
+        with torch.no_grad():
+            model.eval()
+            MoE.impl = "loop"
+            ref = model(ids)
+            MoE.impl = "auto"
+            fast = model(ids)
+        log(what="check", grouped_vs_loop_rel=float((fast - ref).norm() / ref.norm()))
+    try:
+        if "train" in sections and time.time() < deadline:
+            bench_train(cfg, model, peak, "eager", mtp=False)
+            bench_train(cfg, model, peak, "eager", mtp=True)
+        if "decode" in sections and time.time() < deadline:
+            bench_decode(cfg, model)
+        if "prefill" in sections and time.time() < deadline:
+            bench_prefill(cfg, model, args.max_context, deadline)
+        if "compile" in sections and time.time() < deadline:
+            from torch import _dynamo
+            _dynamo.config.cache_size_limit = 64
+            for blk in list(model.layers) + list(model.mtp):
+                blk.compile()
+            t = time.time()
+            bench_train(cfg, model, peak, "compiled blocks", mtp=False)
+            log(what="compile_time_s_incl_bench", s=time.time() - t)
+    finally:
+        (out / "dsv4_gpu.json").write_text(json.dumps(RESULTS, indent=1))
+    rows = ["| measurement | size | tok/s | peak GiB | note |", "|---|---|---|---|---|"]
+    for r in RESULTS:
+        if r["what"] == "train" and not r.get("oom"):
+            rows.append(f"| train fwd+bwd ({r['impl']}{', +MTP' if r['mtp'] else ''}) | b{r['batch']}x{r['seq']} | "
+                        f"{r['tok_s']:,.0f} | {r['peak_gib']:.1f} | MFU {100 * r['mfu']:.1f}% |")
+        elif r["what"] == "prefill" and not r.get("oom"):
+            rows.append(f"| prefill | {r['seq']:,} | {r['tok_s']:,.0f} | {r['peak_gib']:.1f} | {r['mode']} |")
+        elif r["what"] == "decode" and not r.get("oom"):
+            rows.append(f"| decode after 2048 | batch {r['batch']} | {r['tok_s']:,.1f} | - | "
+                        f"{r['tok_s_per_seq']:.1f} tok/s per sequence |")
+        elif r.get("oom"):
+            rows.append(f"| {r['what']} | {r.get('seq', r.get('batch'))} | OOM | - | |")
+    table = "\n".join(rows)
+    (out / "dsv4_gpu.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
