@@ -46,13 +46,118 @@ def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     return total
 
 
+class StaticDecoder:
+    """Decoding at fixed shapes for `batch` sequences of up to `capacity` tokens. The caches are allocated once;
+    after a prefill (the ordinary chunked path) they are rewritten into the static layout, and every decode
+    step is `Transformer.decode_step` on device-held token ids and position. On CUDA (`graph`) that step is
+    captured once as a CUDA graph (first use: two warm-up runs, then the capture) and replayed for every later
+    step, so a token costs one graph launch instead of thousands of kernel launches; elsewhere it runs eagerly.
+    `generate_stream` keeps the last decoder on the model and reuses it while batch, capacity, settings and
+    weights are unchanged (`release_static_decoder` frees it)."""
+
+    def __init__(self, model: Transformer, batch: int, capacity: int, graph: bool):
+        p = next(model.parameters())
+        self.model, self.batch, self.capacity, self.graph_wanted = model, batch, capacity, graph and p.is_cuda
+        self.caches = model.new_caches(batch, capacity, mtp=False)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
+        self.pos = torch.zeros((), dtype=torch.long, device=p.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.busy = False
+        # the experts stacked once for the grouped GEMMs (a graph replays whatever the capture did: stacking
+        # inside it would copy every expert weight on every token)
+        self.stacked = [blk.ffn.stack_experts(p.dtype) for blk in model.layers] if self.graph_wanted else None
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [batch, L] at positions 0…L−1 -> logits of the last position [batch, vocab]."""
+        for c in self.caches:
+            c.reset()
+        logits = prefill(self.model, ids, self.caches)
+        for blk, c in zip(self.model.layers, self.caches):
+            blk.attn.to_static(c, ids.shape[1])
+        return logits
+
+    def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """ids [batch, 1] at position pos -> logits [batch, vocab] (on CUDA a buffer the next step overwrites)."""
+        self.ids.copy_(ids)
+        self.pos.fill_(pos)
+        if not self.graph_wanted:
+            return self.model.decode_step(self.ids, self.pos, self.caches)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> None:
+        moes = [blk.ffn for blk in self.model.layers]
+        for moe, st in zip(moes, self.stacked):
+            moe.stacked = st
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):            # warm-up: a step rewrites what it wrote, so repeating is safe
+                for _ in range(2):
+                    self.model.decode_step(self.ids, self.pos, self.caches)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self.model.decode_step(self.ids, self.pos, self.caches)
+            self.graph = graph
+        finally:
+            for moe in moes:
+                moe.stacked = None
+
+
+def _graph_safe(model: Transformer) -> bool:
+    """Whether a decode step runs without host syncs on this model: on CUDA, every MoE on the grouped path."""
+    p = next(model.parameters())
+    probe = torch.empty(0, dtype=p.dtype, device=p.device)
+    return p.is_cuda and all(blk.ffn._grouped(probe) for blk in model.layers)
+
+
+def _decoder_key(model: Transformer, batch: int, capacity: int, graph: bool) -> tuple:
+    from ..model.attention import Attention
+    from ..model.moe import MoE
+    params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+    return (batch, capacity, graph, model.numerics, model.head_fp32, MoE.impl, Attention.csa_mask_factor, params)
+
+
+def static_decoder(model: Transformer, batch: int, total: int, cuda_graph: bool | None) -> StaticDecoder | None:
+    """The decoder generate_stream uses for `batch` sequences of `total` tokens, or None for the reference
+    path. cuda_graph None: a graphed static decoder where that is safe (CUDA, grouped experts), else None;
+    True: the static decoder (graphed where safe, eager otherwise, e.g. on CPU); False: None."""
+    safe = _graph_safe(model)
+    if cuda_graph is False or (cuda_graph is None and not safe):
+        return None
+    capacity = -(-total // 512) * 512          # rounded up, so nearby lengths share one decoder (and graph)
+    key = _decoder_key(model, batch, capacity, safe)
+    dec = model.__dict__.get("_static_decoder")
+    if dec is not None and dec.key == key and not dec.busy:
+        return dec
+    if dec is not None and not dec.busy:
+        release_static_decoder(model)
+    new = StaticDecoder(model, batch, capacity, safe)
+    new.key = key
+    if dec is None or not dec.busy:           # a decoder in use by another live stream stays; this one is private
+        model.__dict__["_static_decoder"] = new
+    return new
+
+
+def release_static_decoder(model: Transformer) -> None:
+    """Free the caches (and CUDA graph) generate_stream keeps on the model for reuse."""
+    model.__dict__.pop("_static_decoder", None)
+
+
 @torch.inference_mode()
 def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, stop_ids: Sequence[int] | None = None,
-                    seed: int | None = None) -> Iterator[list[int | None]]:
+                    seed: int | None = None, cuda_graph: bool | None = None) -> Iterator[list[int | None]]:
     """Yields, per decoding step, one new token per sequence (None for a sequence that has stopped or is
     still consuming its own longer prompt). Sequences of different lengths share positions: the shortest
-    prompt is prefilled, then longer prompts are fed token by token (as DeepSeek's generate.py does)."""
+    prompt is prefilled, then longer prompts are fed token by token (as DeepSeek's generate.py does).
+    cuda_graph: None (default) decodes through a CUDA graph of the whole step where possible (CUDA, experts on
+    the grouped path) and through the reference path otherwise; True forces the static-shape step (eager off
+    CUDA); False forces the reference path. All give the same tokens up to summation order."""
     total = _check_prompts(model, prompts, max_new_tokens)
     dev = next(model.parameters()).device
     B = len(prompts)
@@ -61,31 +166,44 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.as_tensor(list(p), device=dev)
     in_prompt = tokens >= 0
-    stop = torch.as_tensor(list(stop_ids or []), device=dev, dtype=torch.long)
+    stop = set(int(s) for s in (stop_ids or []))
     gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    caches = model.new_caches(B, total, mtp=False)
     start = min(lens)
-    logits = prefill(model, tokens[:, :start], caches)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    produced = [0] * B
-    for cur in range(start, total):
-        nxt = sample(logits, temperature, top_p, gen)
-        nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
-        tokens[:, cur] = nxt
-        out: list[int | None] = []
-        for i in range(B):
-            if in_prompt[i, cur] or done[i] or produced[i] >= max_new_tokens:
-                out.append(None)
-                continue
-            produced[i] += 1
-            out.append(int(nxt[i]))
-            if stop.numel() and bool((stop == nxt[i]).any()):
-                done[i] = True
-        if any(o is not None for o in out):
-            yield out
-        if all(done[i] or produced[i] >= max_new_tokens for i in range(B)) and cur >= max(lens) - 1:
-            return
-        logits = model(tokens[:, cur:cur + 1], cur, caches)[:, -1]
+    dec = static_decoder(model, B, total, cuda_graph) if total > start else None
+    if dec is not None:
+        dec.busy = True
+        logits = dec.prefill(tokens[:, :start])
+    else:
+        caches = model.new_caches(B, total, mtp=False)
+        logits = prefill(model, tokens[:, :start], caches)
+    try:
+        done = [False] * B
+        produced = [0] * B
+        for cur in range(start, total):
+            nxt = sample(logits, temperature, top_p, gen)
+            nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+            tokens[:, cur] = nxt
+            vals = nxt.tolist()                                  # the step's one read-back
+            out: list[int | None] = []
+            for i in range(B):
+                if cur < lens[i] or done[i] or produced[i] >= max_new_tokens:
+                    out.append(None)
+                    continue
+                produced[i] += 1
+                out.append(vals[i])
+                if vals[i] in stop:
+                    done[i] = True
+            if any(o is not None for o in out):
+                yield out
+            if all(done[i] or produced[i] >= max_new_tokens for i in range(B)) and cur >= max(lens) - 1:
+                return
+            if dec is not None:
+                logits = dec.step(tokens[:, cur:cur + 1], cur)
+            else:
+                logits = model(tokens[:, cur:cur + 1], cur, caches)[:, -1]
+    finally:
+        if dec is not None:
+            dec.busy = False
 
 
 def prefill(model: Transformer, ids: torch.Tensor, caches, chunk: int = 8192) -> torch.Tensor:
@@ -98,13 +216,13 @@ def prefill(model: Transformer, ids: torch.Tensor, caches, chunk: int = 8192) ->
 
 
 def generate(model: Transformer, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-             stop_ids: Sequence[int] | None = None, seed: int | None = None):
+             stop_ids: Sequence[int] | None = None, seed: int | None = None, cuda_graph: bool | None = None):
     """New token ids for one prompt (list[int] -> list[int]) or a batch (list[list[int]] -> list[list[int]]).
-    A stop id, when produced, is included and ends that sequence."""
+    A stop id, when produced, is included and ends that sequence. cuda_graph: see `generate_stream`."""
     single = len(prompt_ids) > 0 and isinstance(prompt_ids[0], int)
     prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
     outs: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, max_new_tokens, temperature, top_p, stop_ids, seed):
+    for step in generate_stream(model, prompts, max_new_tokens, temperature, top_p, stop_ids, seed, cuda_graph):
         for i, t in enumerate(step):
             if t is not None:
                 outs[i].append(t)

@@ -36,6 +36,14 @@ class AttnCache:
     idx_keys: torch.Tensor | None = None         # [b, max_len // 4, c_I] indexer keys (CSA)
     n_idx: int = 0
     idx_state: CompressorState = field(default_factory=CompressorState)
+    # static layout (fixed shapes, for CUDA-graph decoding; see Attention.to_static): the window becomes a ring
+    # (position p in slot p % W) and each compressor's pending rows live in fp32 rings {"kv", "score"}
+    static: dict | None = None
+
+    def reset(self) -> None:
+        """Empty the cache for a new sequence (buffers are kept; what they hold is ignored)."""
+        self.n_window = self.n_comp = self.n_idx = 0
+        self.comp_state, self.idx_state = CompressorState(), CompressorState()
 
     def snapshot(self) -> dict:
         """Everything a rollback needs. The compressed buffers are append-only, so their counts suffice."""
@@ -90,6 +98,19 @@ class Indexer(nn.Module):
             out.append(torch.where(idx < ((tc + 1) // self.ratio)[None, :, None], idx, -1))
         return torch.cat(out, 1)
 
+    def select_static(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vis: torch.Tensor) -> torch.Tensor:
+        """Decode form of `select` over a preallocated key buffer keys [b, Ncap, c] of which the first n_vis
+        (0-dim tensor) entries exist: q [b,1,H,c], w [b,1,H] -> [b, 1, min(top-k, Ncap)], −1 = none."""
+        n = keys.shape[1]
+        k = min(self.topk, n)
+        if k == 0:
+            return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.long, device=q.device)
+        s = torch.einsum("bchd,bnd->bchn", q, keys.to(q.dtype)).float().relu_()
+        s = torch.einsum("bchn,bch->bcn", s, w)
+        visible = torch.arange(n, device=q.device) < n_vis
+        idx = s.masked_fill_(~visible, NEG_INF).topk(k, dim=-1).indices
+        return torch.where(idx < n_vis, idx, -1)
+
 
 class Attention(nn.Module):
     query_chunk = 512
@@ -133,7 +154,10 @@ class Attention(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttnCache | None = None) -> torch.Tensor:
-        """x [b, L, D] holding positions start_pos … start_pos+L−1 -> [b, L, D]."""
+        """x [b, L, D] holding positions start_pos … start_pos+L−1 -> [b, L, D]. A tensor start_pos (0-dim)
+        selects the static decode step (L = 1, cache in the static layout, see `to_static`)."""
+        if isinstance(start_pos, torch.Tensor):
+            return self._decode_static(x, start_pos, cache)
         b, L, _ = x.shape
         h, d, r = self.n_heads, self.head_dim, self.rope_dim
         t_all = torch.arange(start_pos, start_pos + L, device=x.device)
@@ -172,14 +196,95 @@ class Attention(nn.Module):
         outs = [self._attend(q[:, c0:c0 + self.query_chunk], raw, raw_start, t_all[c0:c0 + self.query_chunk],
                              start_pos + c0, comp, None if idx_sel is None else idx_sel[:, c0:c0 + self.query_chunk])
                 for c0 in range(0, L, self.query_chunk)]
-        o = torch.cat(outs, 1).to(x.dtype)                                          # [b, L, h, d]
-        o = Rotary.apply(o, cos, sin, inverse=True)                                  # undo the query-position RoPE
+        return self._output(torch.cat(outs, 1).to(x.dtype), cos, sin)
 
+    def _output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention output o [b, L, h, d] -> [b, L, D]."""
+        b, L = o.shape[:2]
+        o = Rotary.apply(o, cos, sin, inverse=True)                                  # undo the query-position RoPE
         # grouped low-rank output projection: each group of h/g heads -> o_lora_rank, then wo_b
         g = self.n_groups
         wo_a = self.wo_a.weight.to(o.dtype).view(g, self.o_lora_rank, -1)
         o = torch.einsum("blgi,gri->blgr", o.reshape(b, L, g, -1), wo_a)
         return self.wo_b(o.flatten(2))
+
+    # ------------------------------------------------------------------------------------------ static decode
+    def to_static(self, cache: AttnCache, pos: int) -> None:
+        """Rewrite a cache filled by `forward` for positions 0…pos−1 into the static layout, in place: window
+        slot p % W holds position p; each compressor's rows since its last complete window (and, overlap, the
+        rows of that window) move into fixed-size fp32 rings. Buffers are allocated once per cache."""
+        Wb = cache.window.shape[1]
+        if cache.n_window == Wb and pos % Wb:
+            # window[:, i] holds position pos − W + i, which belongs in slot (pos − W + i) % W
+            cache.window.copy_(cache.window.roll(pos % Wb, dims=1))
+        elif cache.n_window not in (Wb, pos):        # pragma: no cover - guarded by forward's bookkeeping
+            raise ValueError(f"cache holds {cache.n_window} window entries at position {pos}")
+        if not self.ratio:
+            return
+        if cache.static is None:
+            cache.static = {}
+        parts = [("comp", self.compressor, cache.comp_state)]
+        if self.indexer is not None:
+            parts.append(("idx", self.indexer.compressor, cache.idx_state))
+        for name, cmp, state in parts:
+            m, R = cmp.ratio, cmp.ring_size
+            width = cmp.wkv.weight.shape[0]
+            ring = cache.static.get(name)
+            if ring is None:
+                b, dev = cache.window.shape[0], cache.window.device
+                ring = cache.static[name] = {"kv": torch.zeros(b, R, width, device=dev),
+                                             "score": torch.zeros(b, R, width, device=dev)}
+            ring["kv"].zero_()
+            ring["score"].fill_(NEG_INF)             # rows never written (before position 0) weigh nothing
+            P = pos % m
+            if P:
+                assert state.pending_kv is not None and state.pending_kv.shape[1] == P
+                rows = torch.arange(pos - P, pos, device=ring["kv"].device) % R
+                ring["kv"][:, rows] = state.pending_kv.float()
+                ring["score"][:, rows] = state.pending_score.float()
+            if cmp.overlap and state.prev_kv is not None:
+                rows = torch.arange(pos - P - m, pos - P, device=ring["kv"].device) % R
+                ring["kv"][:, rows] = state.prev_kv.float()
+                ring["score"][:, rows] = state.prev_score.float()
+
+    def _decode_static(self, x: torch.Tensor, pos: torch.Tensor, cache: AttnCache) -> torch.Tensor:
+        """One token per sequence, x [b, 1, D], at the position held by the 0-dim long tensor `pos`, over a
+        cache in the static layout. Every shape is fixed by the cache's capacity and nothing is read back to
+        the host, so the step can be captured in a CUDA graph; every write depends only on (token, pos), so
+        re-running a step is harmless (what a graph warm-up does)."""
+        h, d = self.n_heads, self.head_dim
+        t = pos.view(1)
+        cos, sin = self.rope.angles(t)
+        qr = self.q_norm(self.wq_a(x))
+        q = Rotary.apply(unweighted_rms(self.wq_b(qr).unflatten(-1, (h, d)), self.eps), cos, sin)   # [b,1,h,d]
+        kv = Rotary.apply(self.kv_norm(self.wkv(x)), cos, sin)                                   # [b,1,d]
+        if self.official:
+            kv = kv_roundtrip(kv, self.rope_dim)
+        Wb = cache.window.shape[1]
+        cache.window.index_copy_(1, t % Wb, kv.to(cache.window.dtype))
+        slot = torch.arange(Wb, device=x.device)
+        kpos = t - (t - slot) % Wb                                                   # position held by each slot
+        band = ((kpos >= 0) & (kpos > t - self.window))[None]                        # [1, Wb]
+
+        comp = sel = None
+        if self.ratio:
+            comp = self._compress_static(x, pos, cache, self.compressor, cache.comp, "comp")
+            if self.indexer is not None:
+                keys = self._compress_static(x, pos, cache, self.indexer.compressor, cache.idx_keys, "idx")
+                iq, iw = self.indexer.queries(x, qr, cos, sin)
+                sel = self.indexer.select_static(iq, iw, keys, (pos + 1) // self.ratio)
+        o = self._attend_keys(q, cache.window, band, t, comp, sel)
+        return self._output(o.to(x.dtype), cos, sin)
+
+    def _compress_static(self, x, pos, cache, compressor: Compressor, store: torch.Tensor, name: str) -> torch.Tensor:
+        """Feed this token to the compressor's ring; when it completes a window, its entry goes to slot pos // m
+        of `store` (written either way, with the old value when incomplete). Returns the whole buffer."""
+        entry, complete = compressor.step(x, pos, cache.static[name], self.rope)
+        N = store.shape[1]
+        if N:
+            i = (pos // compressor.ratio).clamp(max=N - 1).view(1)
+            store.index_copy_(1, i, torch.where(complete, entry.to(store.dtype), store.index_select(1, i)))
+        return store
 
     def _compressed(self, x, start_pos, cache, compressor: Compressor, buf: str) -> torch.Tensor:
         """Run the compressor on this call's tokens; return every entry so far [b, N, ·]."""
@@ -206,13 +311,20 @@ class Attention(nn.Module):
         Products run in the input dtype (fp32 accumulation inside the GEMMs, as the official kernel), softmax in
         fp32. CSA picks are applied as a mask over all entries while they are few (N ≤ 4k: one dense GEMM beats
         a gather), and gathered otherwise, so memory stays O(C·(window + k)) at long context."""
-        W, scale = self.window, self.head_dim ** -0.5
-        b, C = q.shape[:2]
+        W = self.window
         lo = max(raw_start, t0 - W + 1)
-        hi = t0 + C
-        kw = raw[:, lo - raw_start:hi - raw_start].to(q.dtype)                       # [b, Nw, d]
+        hi = t0 + q.shape[1]
+        kw = raw[:, lo - raw_start:hi - raw_start]                                   # [b, Nw, d]
         kpos = torch.arange(lo, hi, device=q.device)
         band = (kpos[None] <= t[:, None]) & (kpos[None] > t[:, None] - W)            # [C, Nw]
+        return self._attend_keys(q, kw, band, t, comp, sel)
+
+    def _attend_keys(self, q, kw, band, t, comp, sel) -> torch.Tensor:
+        """q [b,C,h,d] over raw keys kw [b,Nw,d] (band [C, Nw]: which ones each query sees), then compressed
+        entries comp [b,N,d] of which query t sees the first (t+1)//ratio, through CSA picks sel or all (HCA)."""
+        scale = self.head_dim ** -0.5
+        b, C = q.shape[:2]
+        kw = kw.to(q.dtype)
         scores = [torch.einsum("bchd,bnd->bchn", q, kw).float().mul_(scale).masked_fill_(~band[None, :, None], NEG_INF)]
         kc, gathered = None, False
         if comp is not None and comp.shape[1]:

@@ -43,6 +43,37 @@ class Compressor(nn.Module):
         self.wgate = nn.Linear(dim, c * head_dim, bias=False)
         self.norm = RMSNorm(head_dim, norm_eps)
 
+    @property
+    def ring_size(self) -> int:
+        """Rows the static decode ring keeps: the window being filled (and, overlap, the one before)."""
+        return 2 * self.ratio if self.overlap else self.ratio
+
+    def step(self, x: torch.Tensor, pos: torch.Tensor, ring: dict, rope: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static decode form of `forward`: x [b, 1, D] at the position held by the 0-dim tensor pos. The token's
+        rows go to ring slot pos % R; returns (the entry of pos's window computed from the ring [b, 1, d],
+        whether pos completes that window as a 0-dim bool). The entry is meaningful only when complete."""
+        m, d, R = self.ratio, self.head_dim, self.ring_size
+        xf = x.float()
+        t = pos.view(1)
+        kv = xf @ self.wkv.weight.float().t()                                # [b, 1, c·d]
+        score = xf @ self.wgate.weight.float().t() + self.ape.float()[t % m]
+        ring["kv"].index_copy_(1, t % R, kv)
+        ring["score"].index_copy_(1, t % R, score)
+        start = (t // m) * m                                                 # first position of pos's window
+        rows = (start + torch.arange(m, device=x.device)) % R
+        kvw, scw = ring["kv"][:, rows][:, None], ring["score"][:, rows][:, None]     # [b, 1, m, c·d]
+        if self.overlap:                                                     # the previous window's [0:d] channels
+            prev = (rows + m) % R
+            kvw = torch.cat([ring["kv"][:, prev][:, None, :, :d], kvw[..., d:]], dim=2)       # [b, 1, 2m, d]
+            scw = torch.cat([ring["score"][:, prev][:, None, :, :d], scw[..., d:]], dim=2)
+        entry = (kvw * scw.softmax(dim=2)).sum(dim=2)                         # [b, 1, d]
+        entry = self.norm(entry.to(x.dtype))
+        cos, sin = rope.angles(start)
+        entry = Rotary.apply(entry, cos, sin)
+        if self.official:
+            entry = indexer_roundtrip(entry) if self.for_indexer else kv_roundtrip(entry, self.rope_dim)
+        return entry, (pos + 1) % m == 0
+
     def forward(self, x: torch.Tensor, start_pos: int, state: CompressorState, rope: Rotary) -> torch.Tensor:
         """x [b, L, D] at positions start_pos… -> the entries completed by these tokens [b, n, head_dim].
 

@@ -103,13 +103,26 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.topk = cfg.num_experts_per_tok
+        # (w13 [E, 2I, D], w2 [E, D, I]) stacked once by an inference caller (see `stack_experts`); None: stacked
+        # from the expert weights on every call, as training needs
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def stack_experts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed experts' weights as the grouped GEMMs take them: w13 [E, 2I, D] (w1 rows then w3 rows)
+        and w2 [E, D, I], copies in `dtype`."""
+        with torch.no_grad():
+            w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts]).to(dtype)
+            w2 = torch.stack([e.w2.weight for e in self.experts]).to(dtype)
+        return w13, w2
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                                  # [T, D]
         w, idx = self.gate(x, None if input_ids is None else input_ids.reshape(-1))
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        counts = torch.bincount(idx.flatten(), minlength=self.n_experts)
+        # tokens per expert, without bincount's read-back of the largest id (no host sync: CUDA-graph safe)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.long, device=x.device))
         self.last_counts = counts.detach()
         if self.training and not self.gate.hash:
             self.load += counts.to(self.load.dtype)
@@ -137,8 +150,11 @@ class MoE(nn.Module):
         order = idx.flatten().argsort(stable=True)                                   # [T·k]
         tok = order // k
         offs = counts.cumsum(0).to(torch.int32)                                       # group ends
-        w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts]).to(x.dtype)  # [E, 2I, D]
-        w2 = torch.stack([e.w2.weight for e in self.experts]).to(x.dtype)             # [E, D, I]
+        if self.stacked is not None and self.stacked[0].dtype == x.dtype and not torch.is_grad_enabled():
+            w13, w2 = self.stacked
+        else:
+            w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts]).to(x.dtype)  # [E, 2I, D]
+            w2 = torch.stack([e.w2.weight for e in self.experts]).to(x.dtype)         # [E, D, I]
         gate, up = torch._grouped_mm(x[tok], w13.transpose(-2, -1), offs=offs).float().chunk(2, -1)   # [T·k, I]
         hid = swiglu(gate, up, self.experts[0].limit) * w.flatten()[order, None]
         y.index_add_(0, tok, torch._grouped_mm(hid.to(x.dtype), w2.transpose(-2, -1), offs=offs).float())

@@ -131,6 +131,15 @@ class Transformer(nn.Module):
         logits = self._logits(h[:, -1:] if last_only else h, self, self.norm)
         return (logits, h) if return_hidden else logits
 
+    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[AttnCache]) -> torch.Tensor:
+        """One token per sequence, ids [b, 1], at the position held by the 0-dim long tensor `pos` -> logits
+        [b, vocab]. Caches must be in the static layout (`Attention.to_static`); shapes are fixed and nothing
+        is read back to the host (no id validation either), so the step can be captured in a CUDA graph."""
+        h = self.embed(ids).unsqueeze(2).repeat(1, 1, self.n_streams, 1)
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, ids, pos, cache)
+        return self._logits(h, self, self.norm)[:, -1]
+
     def mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int = 0, cache: AttnCache | None = None,
                     depth: int = 0) -> torch.Tensor:
         """MTP logits: h [b, s, n, D] final streams at positions t, next_ids [b, s] the tokens at t+1 ->
