@@ -123,3 +123,16 @@ def test_flash_kv_cache_is_a_small_fraction_of_mla():
     cfg = preset("flash")
     ours = kv_report(cfg, 1 << 20)["total_bytes"]
     assert ours / mla_v32_bytes(cfg, 1 << 20) < 0.15
+
+
+def test_chunked_prefill_helper_gives_the_last_logits_of_one_pass():
+    """prefill() (what generate and the long-context benchmarks use) = the last row of a full forward, whatever
+    the chunk size, including chunks that end mid-window and mid-compression-block."""
+    from dsv4.inference.generate import prefill
+    m = random_tiny(seed=23)
+    ids = torch.randint(0, 512, (2, 61), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = m(ids)[:, -1]
+        for chunk in (61, 16, 7):
+            got = prefill(m, ids, m.new_caches(2, 64, mtp=False), chunk=chunk)
+            torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@
     model = dsv4.load("path/to/checkpoint")          # official layout; FP8/FP4 dequantised on load
     logits = model(input_ids)                        # [batch, seq, vocab]
     new_ids = dsv4.generate(model, prompt_ids, max_new_tokens=64)
+    with dsv4.inspect.capture(model) as cap: ...    # dissection hooks (docs/inspect.md)
 """
 from __future__ import annotations
 
@@ -57,6 +58,14 @@ def _materialize_derived_buffers(model: Transformer, device) -> None:
             m.reset(device)
         elif isinstance(m, MoE):
             m.load = torch.zeros(m.n_experts, device=device)
+
+
+def __getattr__(name: str):
+    """`dsv4.inspect` (the dissection tools) is imported on first use: it pulls in matplotlib."""
+    if name == "inspect":
+        import importlib
+        return importlib.import_module(".inspect", __name__)
+    raise AttributeError(f"module 'dsv4' has no attribute {name!r}")
 
 
 __all__ = ["ConfigError", "ModelConfig", "Transformer", "build", "generate", "generate_speculative", "init_weights",

@@ -71,11 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
+    from .demo import register as demo_cmd
     from .inference.commands import register as inference_cmds
-    cmds = [inference_cmds]
-    from .train.commands import register as train_cmds; cmds.append(train_cmds)
-    from .inspect.commands import register as inspect_cmds; cmds.append(inspect_cmds)
-    return cmds
+    from .inspect.commands import register as inspect_cmds
+    from .train.commands import register as train_cmds
+    return [demo_cmd, inference_cmds, train_cmds, inspect_cmds]
 
 
 _EXTRA_COMMANDS = _extra_commands()

@@ -20,6 +20,7 @@ import importlib.util
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 from tokenizers import Tokenizer
 
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"
@@ -133,6 +134,38 @@ class V4Tokenizer:
         return f"V4Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: id = byte + 2, with BOS = 0 and EOS = 1 as in the V4 configs. For models whose
+    vocabulary is smaller than the real tokenizer's 129,280 ids (the 'tiny' preset has 512); checkpoints that
+    `dsv4 train` wrote with it say so in config.json ("dsv4_tokenizer": "bytes")."""
+    name = "bytes"
+    bos_id, eos_id, vocab_size = 0, 1, 258
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = (np.frombuffer(text.encode("utf-8", "replace"), np.uint8).astype(np.uint32) + 2).tolist()
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8", "replace"), np.uint8).astype(np.uint32) + 2 for t in texts]
+
+    def _checked_ids(self, ids: Iterable[int]) -> list[int]:
+        out = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+        if any(i < 0 for i in out):
+            raise ValueError(f"negative token ids {[i for i in out if i < 0][:5]}")
+        return out
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """BOS/EOS carry no bytes, so they vanish whatever skip_special says; so do the ids a model's larger
+        vocabulary has beyond the 256 bytes (unused slots)."""
+        return bytes(i - 2 for i in self._checked_ids(ids) if 2 <= i < 258).decode("utf-8", "replace")
+
+    def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special=skip_special)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
 class StreamDecoder:
     """Turns ids arriving one at a time into text increments.
 
@@ -141,7 +174,7 @@ class StreamDecoder:
     joined and followed by flush(), equal decode() of all the ids. Each step decodes only a short window: the
     ids since the last emitted boundary plus the chunk before it."""
 
-    def __init__(self, tokenizer: V4Tokenizer, skip_special: bool = False):
+    def __init__(self, tokenizer: "V4Tokenizer | ByteTokenizer", skip_special: bool = False):
         self.tokenizer = tokenizer
         self.skip_special = skip_special
         self.ids: list[int] = []
@@ -189,5 +222,27 @@ def load_tokenizer(path: str | Path | None = None) -> V4Tokenizer:
     return _CACHE[file]
 
 
-__all__ = ["BOS_TOKEN", "EOS_TOKEN", "StreamDecoder", "V4Tokenizer", "bundled_tokenizer_file",
-           "find_tokenizer_file", "load_tokenizer"]
+def tokenizer_for_checkpoint(ckpt: str | Path, vocab_size: int):
+    """The tokenizer a checkpoint was trained with: bytes when its config.json says "dsv4_tokenizer": "bytes"
+    (tiny models from `dsv4 train`), else its own tokenizer.json, else the bundled V4 tokenizer when the
+    vocabulary holds it, else bytes (with a warning)."""
+    import json
+    ckpt = Path(ckpt)
+    name = json.loads((ckpt / "config.json").read_text()).get("dsv4_tokenizer")
+    if name == "bytes":
+        return ByteTokenizer()
+    if (ckpt / TOKENIZER_FILE).exists():
+        return load_tokenizer(ckpt)
+    if vocab_size < 129280:
+        if vocab_size < ByteTokenizer.vocab_size:
+            raise ValueError(f"{ckpt}: the model's vocabulary ({vocab_size} ids) fits neither the V4 tokenizer "
+                             f"(129,280) nor bytes (258), and the directory has no tokenizer.json")
+        import warnings
+        warnings.warn(f"{ckpt}: config.json names no tokenizer and the vocabulary ({vocab_size} ids) is smaller "
+                      f"than the V4 tokenizer's; using UTF-8 bytes", stacklevel=2)
+        return ByteTokenizer()
+    return load_tokenizer()
+
+
+__all__ = ["BOS_TOKEN", "ByteTokenizer", "EOS_TOKEN", "StreamDecoder", "V4Tokenizer", "bundled_tokenizer_file",
+           "find_tokenizer_file", "load_tokenizer", "tokenizer_for_checkpoint"]

@@ -9,7 +9,7 @@ import torch
 
 def _load(args):
     import dsv4
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import tokenizer_for_checkpoint
     ckpt = Path(args.ckpt)
     if not (ckpt / "config.json").exists():
         raise FileNotFoundError(f"{ckpt} is not a dsv4/DeepSeek-V4 checkpoint directory (no config.json)")
@@ -17,8 +17,17 @@ def _load(args):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype if args.dtype != "auto" else
                                                              ("bf16" if device == "cuda" else "fp32")]
     model = dsv4.load(ckpt, device=device, dtype=dtype, numerics=args.numerics, progress=True)
-    tok = load_tokenizer(ckpt if (ckpt / "tokenizer.json").exists() else None)
+    tok = tokenizer_for_checkpoint(ckpt, model.cfg.vocab_size)
     return model, tok
+
+
+def _chat_ids(tok, messages: list[dict], thinking: bool) -> list[int]:
+    """The V4 chat encoding; a byte-level model (tiny, from `dsv4 train`) gets the same template as bytes."""
+    from ..chat import encode_chat, encode_messages
+    from ..tokenizer import BOS_TOKEN
+    if hasattr(tok, "token_to_id"):
+        return encode_chat(tok, messages, thinking=thinking)
+    return tok.encode(encode_messages(messages, thinking=thinking).removeprefix(BOS_TOKEN), add_bos=True)
 
 
 def _stream(model, tok, ids: list[int], args) -> list[int]:
@@ -42,12 +51,11 @@ def _stream(model, tok, ids: list[int], args) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-    from ..chat import encode_chat
     if not args.prompt.strip():
         raise ValueError("empty prompt: pass some text with --prompt")
     model, tok = _load(args)
     if args.chat or args.thinking:
-        ids = encode_chat(tok, [{"role": "user", "content": args.prompt}], thinking=args.thinking)
+        ids = _chat_ids(tok, [{"role": "user", "content": args.prompt}], args.thinking)
     else:
         ids = tok.encode(args.prompt, add_bos=True)
     _stream(model, tok, ids, args)
@@ -55,7 +63,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from ..chat import encode_chat, parse_completion
+    from ..chat import parse_completion
     model, tok = _load(args)
     history: list[dict] = []
     if args.system:
@@ -73,7 +81,7 @@ def cmd_chat(args) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": line})
-        ids = encode_chat(tok, history, thinking=args.thinking)
+        ids = _chat_ids(tok, history, args.thinking)
         sys.stdout.write("dsv4> ")
         out = _stream(model, tok, ids, args)
         reply = parse_completion(tok.decode(out), thinking=args.thinking)

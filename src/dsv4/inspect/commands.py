@@ -18,8 +18,7 @@ def _device_dtype(args):
 
 def _model_and_tokenizer(args):
     import dsv4
-    from ..train.data import ByteTokenizer
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import ByteTokenizer, load_tokenizer, tokenizer_for_checkpoint
     device, dtype = _device_dtype(args)
     if args.ckpt:
         ckpt = Path(args.ckpt)
@@ -32,15 +31,14 @@ def _model_and_tokenizer(args):
         if args.numerics:
             model.set_numerics(args.numerics)
         source = {"preset": args.preset, "seed": args.seed, "random_weights": True}
-    vocab = model.cfg.vocab_size
-    if vocab >= 129280:
-        local = args.ckpt and (Path(args.ckpt) / "tokenizer.json").exists()
-        tok, tok_name = load_tokenizer(args.ckpt if local else None), "v4"
+    if args.ckpt:
+        tok = tokenizer_for_checkpoint(args.ckpt, model.cfg.vocab_size)
     else:
-        tok, tok_name = ByteTokenizer(), "bytes"
-        if vocab < tok.vocab_size:
-            raise ValueError(f"the model's vocabulary ({vocab}) is smaller than the byte tokenizer's "
-                             f"({tok.vocab_size}); no tokenizer fits it")
+        tok = load_tokenizer() if model.cfg.vocab_size >= 129280 else ByteTokenizer()
+    tok_name = "bytes" if isinstance(tok, ByteTokenizer) else "v4"
+    if model.cfg.vocab_size < len(tok):
+        raise ValueError(f"the model's vocabulary ({model.cfg.vocab_size}) is smaller than the {tok_name} "
+                         f"tokenizer's ({len(tok)}); no tokenizer fits it")
     meta = {**source, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "numerics": model.numerics, "tokenizer": tok_name}
     return model, tok, meta

@@ -33,6 +33,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..tokenizer import ByteTokenizer  # re-exported: the tiny presets train on bytes
+
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 DATA_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
 META = "meta.json"
@@ -43,25 +45,6 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ tokenizers
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: id = byte + 2, with BOS = 0 and EOS = 1 as in the V4 configs. For models whose
-    vocabulary is smaller than the real tokenizer's 129,280 ids (the 'tiny' preset has 512)."""
-    name = "bytes"
-    bos_id, eos_id, vocab_size = 0, 1, 258
-
-    def encode(self, text: str) -> list[int]:
-        return (np.frombuffer(text.encode("utf-8", "replace"), np.uint8).astype(np.uint32) + 2).tolist()
-
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.frombuffer(t.encode("utf-8", "replace"), np.uint8).astype(np.uint32) + 2 for t in texts]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return bytes(int(i) - 2 for i in ids if int(i) >= 2).decode("utf-8", "replace")
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-
 def tokenizer_for(spec: str, vocab_size: int):
     """'bytes', 'v4' (the bundled V4 tokenizer), a tokenizer.json / checkpoint path, or 'auto': V4 when the
     model's vocabulary holds it, bytes otherwise."""
