@@ -87,3 +87,21 @@ def test_v4_checkpoint_gets_the_v4_tokenizer(tmp_path):
     ckpt = tmp_path / "v4"
     dsv4.save(dsv4.build(cfg), ckpt)
     assert isinstance(tokenizer_for_checkpoint(ckpt, cfg.vocab_size), V4Tokenizer)
+
+
+def test_generate_command_speculative_prints_greedy_text_and_acceptance(tmp_path, capsys):
+    model = dsv4.build("tiny", seed=4)
+    ckpt = tmp_path / "ckpt"
+    dsv4.save(model, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "dsv4_tokenizer": "bytes"}))
+    tok = ByteTokenizer()
+    greedy = dsv4.generate(dsv4.load(ckpt, progress=False), tok.encode("abc", add_bos=True), max_new_tokens=10,
+                           stop_ids=[tok.eos_id])
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "abc", "--max-new-tokens", "10", "--speculative",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert out.out == tok.decode(greedy) + "\n"
+    assert "drafts accepted" in out.err
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "abc", "--speculative", "--temperature", "0.5"]) == 2

@@ -20,8 +20,8 @@ import torch
 
 # per device kind: model preset and the training run (progressive sequence length as in the V4 recipe)
 PLANS = {
-    "cpu": {"model": "tiny", "steps": 600, "batch": 8, "seq": 256, "lr": 3e-3, "warmup": 30,
-            "seq_schedule": [[0, 64], [200, 128], [400, 256]], "eval_every": 100, "save_every": 200},
+    "cpu": {"model": "tiny", "steps": 450, "batch": 8, "seq": 256, "lr": 3e-3, "warmup": 30,
+            "seq_schedule": [[0, 64], [200, 128], [350, 256]], "eval_every": 75, "save_every": 150},
     "cuda": {"model": "small", "steps": 400, "batch": 16, "seq": 512, "lr": 3e-3, "warmup": 40,
              "seq_schedule": [[0, 128], [150, 256], [300, 512]], "eval_every": 100, "save_every": 200},
 }
@@ -97,7 +97,8 @@ def cmd_demo(args) -> int:
     del trainer
 
     _rule("3/4  generating from the checkpoint (compressed KV cache, sampled at temperature 0.8)")
-    print(f"  prompt: {SAMPLE_PROMPT!r}\n")
+    print(f"  prompt {SAMPLE_PROMPT!r}, continued by the model:\n")
+    print(SAMPLE_PROMPT, end="", flush=True)
     cli_main(["generate", "--ckpt", str(ckpt), "--prompt", SAMPLE_PROMPT, "--max-new-tokens", str(args.sample_tokens),
               "--temperature", "0.8", "--top-p", "0.95", "--seed", "0", "--device", device])
 
@@ -121,7 +122,7 @@ def register(sub) -> None:
     s = sub.add_parser("demo", help="train a small V4 on the embedded corpus, sample from it, dissect it",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--out", default="runs/demo", help="where the run, checkpoint and report go (default runs/demo)")
-    s.add_argument("--steps", type=int, default=None, help="training steps (default 600 on CPU, 400 on GPU)")
+    s.add_argument("--steps", type=int, default=None, help="training steps (default 450 on CPU, 400 on GPU)")
     s.add_argument("--device", default="auto", help="cpu, cuda … (default: cuda if available)")
     s.add_argument("--sample-tokens", type=int, default=200, help="tokens to generate (default 200)")
     s.add_argument("--fresh", action="store_true", help="train from scratch even if OUT holds a finished run")

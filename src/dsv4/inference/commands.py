@@ -58,8 +58,28 @@ def cmd_generate(args) -> int:
         ids = _chat_ids(tok, [{"role": "user", "content": args.prompt}], args.thinking)
     else:
         ids = tok.encode(args.prompt, add_bos=True)
-    _stream(model, tok, ids, args)
+    if args.speculative:
+        _speculative(model, tok, ids, args)
+    else:
+        _stream(model, tok, ids, args)
     return 0
+
+
+def _speculative(model, tok, ids: list[int], args) -> None:
+    """Greedy decoding with MTP self-speculation; prints the text, then the draft acceptance on stderr."""
+    import time
+    from .generate import generate_speculative
+    if args.temperature > 0:
+        raise ValueError("--speculative decodes greedily: drop --temperature (or set it to 0)")
+    limit = model.cfg.max_position_embeddings
+    if len(ids) + 2 >= limit:
+        raise ValueError(f"the prompt has {len(ids)} tokens; this model accepts at most {limit}")
+    t = time.perf_counter()
+    out, stats = generate_speculative(model, ids, min(args.max_new_tokens, limit - len(ids) - 2), [tok.eos_id])
+    s = time.perf_counter() - t
+    print(tok.decode(out, skip_special=True))
+    print(f"MTP speculation: {stats.accepted}/{stats.drafted} drafts accepted ({stats.acceptance:.1%}), "
+          f"{len(out)} tokens in {s:.2f} s", file=sys.stderr)
 
 
 def cmd_chat(args) -> int:
@@ -108,6 +128,8 @@ def register(sub) -> None:
     _common(s)
     s.add_argument("--prompt", required=True)
     s.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the V4 chat format")
+    s.add_argument("--speculative", action="store_true",
+                   help="greedy decoding with MTP self-speculation (same text as greedy; prints the acceptance rate)")
     s.set_defaults(fn=cmd_generate)
     s = sub.add_parser("chat", help="interactive chat with history (V4 chat format)")
     _common(s)
