@@ -22,6 +22,16 @@ def random_tiny(seed: int = 1, preset_name: str = "tiny", **overrides) -> Transf
     return m.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run thousands of small kernels per step; on a busy 2-core machine two OpenMP threads wait on
+    each other at every one of them (measured: 30 s instead of 0.4 s per step). One thread avoids that."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_model():
     return random_tiny()

@@ -10,14 +10,6 @@ from dsv4.cli import main
 from dsv4.tokenizer import ByteTokenizer, V4Tokenizer, tokenizer_for_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def quick_plan(monkeypatch, tmp_path_factory):
     """The CPU plan cut to 6 steps on 0.4 MB of the embedded corpus, sequence length 16 then 32."""

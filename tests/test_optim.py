@@ -12,16 +12,6 @@ from dsv4.train.optim import build_optimizer, newton_schulz, param_kind
 from conftest import random_tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run thousands of small kernels per step; on a busy 2-core machine two OpenMP threads wait on
-    each other at every one of them (measured: 30 s instead of 0.4 s per step). One thread avoids that."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64), (64, 64), (4, 48, 96)])
 def test_hybrid_newton_schulz_lands_singular_values_at_one(shape):
     torch.manual_seed(0)

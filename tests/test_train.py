@@ -13,16 +13,6 @@ from dsv4.train.trainer import TrainConfig, TrainError, Trainer
 from conftest import random_tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run thousands of small kernels per step; on a busy 2-core machine two OpenMP threads wait on
-    each other at every one of them (measured: 30 s instead of 0.4 s per step). One thread avoids that."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Byte-level shards of ~0.4 MB of the embedded corpus, built once and shared (data_dir)."""
