@@ -97,10 +97,16 @@ def cmd_demo(args) -> int:
     del trainer
 
     _rule("3/4  generating from the checkpoint (compressed KV cache, sampled at temperature 0.8)")
+    import dsv4
+    from .inference.commands import _stream
+    from .tokenizer import tokenizer_for_checkpoint
+    model = dsv4.load(ckpt, device=device, progress=False)
+    tok = tokenizer_for_checkpoint(ckpt, model.cfg.vocab_size)
     print(f"  prompt {SAMPLE_PROMPT!r}, continued by the model:\n")
     print(SAMPLE_PROMPT, end="", flush=True)
-    cli_main(["generate", "--ckpt", str(ckpt), "--prompt", SAMPLE_PROMPT, "--max-new-tokens", str(args.sample_tokens),
-              "--temperature", "0.8", "--top-p", "0.95", "--seed", "0", "--device", device])
+    sample = argparse.Namespace(max_new_tokens=args.sample_tokens, temperature=0.8, top_p=0.95, seed=0)
+    _stream(model, tok, tok.encode(SAMPLE_PROMPT, add_bos=True), sample)
+    del model
 
     report = out / "inspect"
     if not args.skip_inspect:
