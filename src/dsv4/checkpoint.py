@@ -202,25 +202,82 @@ class _Stored:
 
 
 def load_state_into(model: nn.Module, path, dtype: torch.dtype = torch.float32, device="cpu",
-                    progress: bool = True) -> None:
+                    progress: bool = True, prefix: str | tuple[str, ...] | None = None) -> None:
     """Fill `model` (parameters possibly on the meta device) from checkpoint directory `path`.
 
     Floating tensors become `dtype` on `device` (FP8 / FP4 dequantised), integer ones keep the model's dtype.
     Parameters / buffers on meta or with another dtype / device are replaced (requires_grad kept); matching
     ones are copied into in place, so optimisers holding them stay valid. Everything is checked against the
-    file headers before any tensor is read."""
-    path = Path(path)
-    device = _normalise_device(device)
-    files, index_map = _checkpoint_files(path)
-    # meta stand-ins: holding the real tensors here would keep replaced ones alive until the end
-    expected = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
-    with ExitStack() as stack:
-        handles = {f: stack.enter_context(_open(f)) for f in files}
-        plan = _plan_load(path, expected, handles, index_map, _block_from_config(path))
-        for name, st in tqdm(plan.items(), total=len(plan), desc=f"loading {path.name}", unit="tensor",
-                             disable=not progress):
-            target_dtype = dtype if expected[name].is_floating_point() else expected[name].dtype
-            _assign(model, name, _read(name, st, handles, target_dtype, device))
+    file headers before any tensor is read. prefix: read only the tensors whose names start with it (or with
+    one of them, e.g. "layers.3."); the others are left as they are (the whole checkpoint is still checked)."""
+    with CheckpointReader(model, path, dtype=dtype, device=device) as reader:
+        reader.load_into(model, reader.names(prefix), progress=progress)
+
+
+class CheckpointReader:
+    """A checkpoint matched against `model` from the file headers alone (names, dtypes, shapes, scales; any
+    mismatch raises here), with the files kept open so that any subset of tensors can then be read — lazily,
+    one tensor at a time through safetensors' memory map — and put into the model, and later dropped again:
+
+        with CheckpointReader(model, path, dtype=torch.bfloat16, device="cuda") as ck:
+            ck.load_into(model, ck.names("layers.0."))
+            ...
+            ck.unload(model, ck.names("layers.0."))        # back to the meta device: memory freed
+
+    This is what layer-by-layer inspection of checkpoints larger than the device runs on."""
+
+    def __init__(self, model: nn.Module, path, dtype: torch.dtype = torch.float32, device="cpu"):
+        self.path = Path(path)
+        self.dtype, self.device = dtype, _normalise_device(device)
+        files, index_map = _checkpoint_files(self.path)
+        # meta stand-ins: holding the real tensors here would keep replaced ones alive until the end
+        self.expected = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
+        self._stack = ExitStack()
+        try:
+            self._handles = {f: self._stack.enter_context(_open(f)) for f in files}
+            self.plan = _plan_load(self.path, self.expected, self._handles, index_map, _block_from_config(self.path))
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles = {}
+
+    def names(self, prefix: str | tuple[str, ...] | None = None) -> list[str]:
+        """Model tensor names (state-dict order), those starting with `prefix` (a string or a tuple) if given."""
+        return [n for n in self.plan if prefix is None or n.startswith(prefix)]
+
+    def nbytes(self, names=None) -> int:
+        """Bytes the tensors `names` (default all) take once loaded: floating ones in `dtype`."""
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
+                   for n, t in self.expected.items() if names is None or n in names)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One model tensor, dequantised, as `dtype` (floating) on `device`."""
+        want = self.expected[name]
+        return _read(name, self.plan[name], self._handles, self.dtype if want.is_floating_point() else want.dtype,
+                     self.device)
+
+    def load_into(self, model: nn.Module, names=None, progress: bool = False, desc: str | None = None) -> None:
+        """Read the tensors `names` (default all) and put them into `model` (see load_state_into)."""
+        names = list(self.plan) if names is None else list(names)
+        for name in tqdm(names, total=len(names), desc=desc or f"loading {self.path.name}", unit="tensor",
+                         disable=not progress, leave=False if desc else True):
+            _assign(model, name, self.read(name))
+
+    def unload(self, model: nn.Module, names) -> None:
+        """Replace the tensors `names` of `model` by meta stand-ins, freeing their memory (if nothing else holds
+        them)."""
+        for name in names:
+            _assign(model, name, torch.empty_like(self.expected[name]))
 
 
 def _normalise_device(device) -> torch.device:
@@ -409,4 +466,4 @@ def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
         mod._buffers[leaf] = t
 
 
-__all__ = ["CheckpointError", "load_state_into", "save_state", "CONFIG_FILE", "INDEX_FILE"]
+__all__ = ["CheckpointError", "CheckpointReader", "load_state_into", "save_state", "CONFIG_FILE", "INDEX_FILE"]

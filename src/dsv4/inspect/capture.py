@@ -234,18 +234,9 @@ class Capture:
     @torch.no_grad()
     def run(self, ids, label: str = "", mode: str = "") -> dict:
         """Forward one prompt (a list of ids or a [1, s] / [s] tensor) and append its statistics to `records`."""
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        if ids.dim() == 2 and ids.shape[0] != 1:
-            raise CaptureError(f"capture runs one prompt at a time, got a batch of {ids.shape[0]}")
-        ids = ids.reshape(-1)
-        if ids.numel() == 0:
-            raise CaptureError(f"prompt {label!r} is empty")
         dev = next(self.model.parameters()).device
+        cur = self.start(ids, label, mode, dev)
         n_layers = len(self.model.layers)
-        self._cur = {"label": label, "mode": mode, "ids": ids.tolist(), "ids_dev": ids.to(dev),
-                     "n_tokens": ids.numel(), "layers": [{} for _ in range(n_layers)],
-                     "norms": [None] * n_layers, "bos_energy": [None] * n_layers, "experts": [None] * n_layers,
-                     "grams": [None] * n_layers, "grams_nobos": [None] * n_layers}
         was_training = self.model.training
         self.model.eval()
         if self.progress:
@@ -253,14 +244,44 @@ class Capture:
             self._bar = tqdm(total=n_layers, desc=f"{label}/{mode}" if mode else label or "prompt", unit="layer",
                              leave=True)
         try:
-            logits = self.model(ids.to(dev)[None])
+            with self.recording(cur):
+                logits = self.model(cur["ids_dev"][None])
         finally:
-            cur, self._cur = self._cur, None
             self.model.train(was_training)
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-        rec = self._finish(cur, logits[0].argmax(-1).cpu())
+        return self.finish(cur, logits)
+
+    # the pieces of `run`, for drivers that step through the layers themselves (dsv4.inspect.layerwise): any
+    # number of runs may be open at once; the hooks write into the one inside `recording`
+    def start(self, ids, label: str = "", mode: str = "", device=None) -> dict:
+        """Check one prompt's ids and open its (empty) record; `ids_dev` holds the ids on `device`."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() == 2 and ids.shape[0] != 1:
+            raise CaptureError(f"capture runs one prompt at a time, got a batch of {ids.shape[0]}")
+        ids = ids.reshape(-1)
+        if ids.numel() == 0:
+            raise CaptureError(f"prompt {label!r} is empty")
+        n_layers = len(self.model.layers)
+        return {"label": label, "mode": mode, "ids": ids.tolist(), "ids_dev": ids.to(device or "cpu"),
+                "n_tokens": ids.numel(), "layers": [{} for _ in range(n_layers)],
+                "norms": [None] * n_layers, "bos_energy": [None] * n_layers, "experts": [None] * n_layers,
+                "grams": [None] * n_layers, "grams_nobos": [None] * n_layers}
+
+    @contextmanager
+    def recording(self, cur: dict):
+        """Hooks firing inside this block record into `cur` (outside any, they record nothing)."""
+        prev, self._cur = self._cur, cur
+        try:
+            yield cur
+        finally:
+            self._cur = prev
+
+    def finish(self, cur: dict, logits: torch.Tensor) -> dict:
+        """Close a run given the model's final logits [1, s, V] (or [s, V]); appends and returns its record."""
+        logits = logits[0] if logits.dim() == 3 else logits
+        rec = self._finish(cur, logits.argmax(-1).cpu())
         self.records.append(rec)
         return rec
 

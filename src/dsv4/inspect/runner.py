@@ -20,7 +20,17 @@ def inspect_model(model: Transformer, tokenizer, prompts: Sequence[Prompt] = BUI
                   **capture_options) -> dict:
     """Run every prompt in every mode under `capture` and aggregate the records into a report dict."""
     modes = list(modes)
-    vocab = model.cfg.vocab_size
+    runs = encode_runs(tokenizer, prompts, modes, max_tokens, model.cfg.vocab_size)
+    with capture(model, what, progress=progress, **capture_options) as cap:
+        for p, mode, ids in runs:
+            cap.run(ids, label=p.name, mode=mode)
+    meta = {"prompts": len(prompts), "modes": ",".join(modes), "max_tokens": max_tokens, **(meta or {})}
+    return build_report(cap.records, model.cfg, meta=meta, decode=_decoder(tokenizer))
+
+
+def encode_runs(tokenizer, prompts: Sequence[Prompt], modes: list[str], max_tokens: int | None,
+                vocab: int) -> list[tuple[Prompt, str, list[int]]]:
+    """(prompt, mode, ids) for every prompt × mode, prompt-major; ids outside the vocabulary raise."""
     runs = []
     for p in prompts:
         for mode in modes:
@@ -30,11 +40,7 @@ def inspect_model(model: Transformer, tokenizer, prompts: Sequence[Prompt] = BUI
                 raise ValueError(f"prompt {p.name!r} ({mode}) has token id {bad[0]} outside the model's "
                                  f"vocabulary of {vocab}: the tokenizer does not fit this model")
             runs.append((p, mode, ids))
-    with capture(model, what, progress=progress, **capture_options) as cap:
-        for p, mode, ids in runs:
-            cap.run(ids, label=p.name, mode=mode)
-    meta = {"prompts": len(prompts), "modes": ",".join(modes), "max_tokens": max_tokens, **(meta or {})}
-    return build_report(cap.records, model.cfg, meta=meta, decode=_decoder(tokenizer))
+    return runs
 
 
 def _decoder(tok):
