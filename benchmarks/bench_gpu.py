@@ -10,7 +10,8 @@ Measures (each printed as one JSON line as it finishes, all collected in DIR/dsv
   compile   the same training step with every block under torch.compile
   prefill   tok/s and peak memory from 4K to --max-context tokens: one pass up to 32K, chunked prefill
             through the KV cache beyond (linear cost; activations bounded by the chunk)
-  decode    greedy tokens/s after a 2048-token prompt at batch 1, 16 and 64, plus the KV-cache bytes of
+  decode    greedy tokens/s after a 2048-token prompt at batch 1, 16 and 64 (CUDA-graphed static decode step;
+            batch 1 also through the reference path), plus the KV-cache bytes of
             the allocated cache against the formula of `dsv4 kv`
 Times are medians over repetitions after a warm-up, with torch.cuda.synchronize around each.
 """
@@ -30,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from dsv4.config import load_config, param_counts  # noqa: E402
-from dsv4.inference.generate import generate, prefill  # noqa: E402
+from dsv4.inference.generate import generate, generate_stream, prefill  # noqa: E402
 from dsv4.inference.kv import kv_report  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
 
@@ -103,6 +104,7 @@ def bench_train(cfg, model, peak, label: str, mtp: bool) -> None:
             model.zero_grad(set_to_none=True)
         try:
             step()
+            step()                                                 # warm-up: compiled mHC pieces settle
             torch.cuda.reset_peak_memory_stats()
             t = timed(step, 3)
             tok_s = b * s / t
@@ -134,7 +136,8 @@ def bench_prefill(cfg, model, max_context: int, deadline: float) -> None:
                 def fn():
                     caches = model.new_caches(1, seq, mtp=False)
                     prefill(model, ids, caches, chunk=8192)
-            fn()
+            if seq <= 65536:
+                fn()                                   # warm-up (beyond 64K every chunk has a shape seen before)
             t = timed(fn, 2 if seq <= 65536 else 1)
             log(what="prefill", seq=seq, mode=mode, s=t, tok_s=seq / t,
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
@@ -149,23 +152,31 @@ def bench_decode(cfg, model) -> None:
     model.eval()
     V = cfg.vocab_size
     P, new_n = DECODE["prompt"], DECODE["new"]
-    for batch in DECODE["batches"]:
+    from dsv4.inference.generate import StaticDecoder, release_static_decoder
+    # (batch, CUDA graph, torch.compile of the step before capture): b1 also through the reference path, and
+    # compiled (its ~2 min compile is in warmup_s; per batch size, so only b1 pays it here)
+    runs = [(1, False, False), (1, True, True)] + [(b, True, False) for b in DECODE["batches"]]
+    for batch, graph, comp in runs:
         prompts = torch.randint(0, V, (batch, P)).tolist()
+        cg = None if graph else False
+        StaticDecoder.compile_step = comp
         try:
-            generate(model, prompts, max_new_tokens=4)                                  # warm-up
-            torch.cuda.synchronize()
             t = time.perf_counter()
-            out = generate(model, prompts, max_new_tokens=new_n)
+            generate(model, prompts, max_new_tokens=4, cuda_graph=cg)   # warm-up: compiles, captures the graph
             torch.cuda.synchronize()
-            dt = time.perf_counter() - t
-            new = sum(len(o) for o in out)
-            # the prefill is inside dt: time it alone and subtract
-            ids = torch.tensor(prompts, device="cuda")
-            tp = timed(lambda: prefill(model, ids, model.new_caches(batch, P + new_n, mtp=False)), 1)
-            log(what="decode", batch=batch, prompt=P, new_tokens=new, s=dt - tp, prefill_s=tp,
-                tok_s=new / (dt - tp), tok_s_per_seq=new / batch / (dt - tp))
+            warm = time.perf_counter() - t
+            # decode alone: from the first token (prefill + first sample done) to the last; each step ends with
+            # the tokens read back to the host, so the clock sees finished GPU work
+            t0 = time.perf_counter()
+            stamps = [time.perf_counter() for _ in generate_stream(model, prompts, new_n, cuda_graph=cg)]
+            steps = len(stamps) - 1
+            dt = stamps[-1] - stamps[0]
+            log(what="decode", batch=batch, cuda_graph=graph, compiled=comp, prompt=P, new_tokens=steps * batch,
+                s=dt, prefill_s=stamps[0] - t0, warmup_s=warm, tok_s=steps * batch / dt, tok_s_per_seq=steps / dt)
         except torch.OutOfMemoryError:
-            log(what="decode", batch=batch, oom=True)
+            log(what="decode", batch=batch, cuda_graph=graph, compiled=comp, oom=True)
+        StaticDecoder.compile_step = False
+        release_static_decoder(model)
         torch.cuda.empty_cache()
     ctx = DECODE["kv_context"]
     measured = sum(c.nbytes() for c in model.new_caches(1, ctx, mtp=False))
@@ -230,7 +241,8 @@ def main() -> int:
         elif r["what"] == "prefill" and not r.get("oom"):
             rows.append(f"| prefill | {r['seq']:,} | {r['tok_s']:,.0f} | {r['peak_gib']:.1f} | {r['mode']} |")
         elif r["what"] == "decode" and not r.get("oom"):
-            rows.append(f"| decode after 2048 | batch {r['batch']} | {r['tok_s']:,.1f} | - | "
+            how = " (compiled graph)" if r.get("compiled") else "" if r.get("cuda_graph", True) else " (no graph)"
+            rows.append(f"| decode after 2048{how} | batch {r['batch']} | {r['tok_s']:,.1f} | - | "
                         f"{r['tok_s_per_seq']:.1f} tok/s per sequence |")
         elif r.get("oom"):
             rows.append(f"| {r['what']} | {r.get('seq', r.get('batch'))} | OOM | - | |")

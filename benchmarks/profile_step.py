@@ -72,28 +72,61 @@ def profile_train(model, out: Path, b: int, s: int) -> None:
 
 
 @torch.inference_mode()
+def teacher_forced(model, prompt, steps: int = 24, graph: bool = True) -> list[str]:
+    """Logits of the reference path, the eager static step and the graphed step on the same tokens."""
+    from dsv4.inference.generate import StaticDecoder, prefill
+    ids = torch.tensor([prompt], device="cuda")
+    P = ids.shape[1]
+    cap = P + steps + 512
+    ref_c = model.new_caches(1, cap, mtp=False)
+    eager, graphed = StaticDecoder(model, 1, cap, graph=False), StaticDecoder(model, 1, cap, graph=graph)
+    ref, e, g = prefill(model, ids, ref_c), eager.prefill(ids), graphed.prefill(ids)
+    worst = {"static_vs_ref": 0.0, "graph_vs_static": 0.0}
+    flips = 0
+    for pos in range(P, P + steps):
+        tok = ref.argmax(-1, keepdim=True)
+        flips += int(not torch.equal(tok, e.argmax(-1, keepdim=True)))
+        ref = model(tok, pos, ref_c)[:, -1].float()
+        e = eager.step(tok, pos).float().clone()
+        g = graphed.step(tok, pos).float().clone()
+        worst["static_vs_ref"] = max(worst["static_vs_ref"], float((e - ref).norm() / ref.norm()))
+        worst["graph_vs_static"] = max(worst["graph_vs_static"], float((g - e).norm() / e.norm()))
+    top2 = ref.topk(2, -1).values[0]
+    return [f"teacher-forced {steps} steps: max rel logit diff {worst}; argmax flips static vs ref {flips}; "
+            f"last top-2 logit gap {float(top2[0] - top2[1]):.4f} (logit std {float(ref.std()):.4f})"]
+
+
+@torch.inference_mode()
 def profile_decode(model, out: Path) -> None:
+    from dsv4.inference.generate import release_static_decoder
+    from dsv4.model.mhc import Fusion
     model.eval()
     V = model.cfg.vocab_size
     prompt = torch.randint(0, V, (2048,)).tolist()
+    lines = teacher_forced(model, prompt)
     res = {}
-    for name, cg in (("reference", False), ("graph", None)):
+    for name, cg, fuse in (("reference", False, True), ("graph, unfused mHC", None, False), ("graph", None, True)):
+        Fusion.enabled = fuse
+        release_static_decoder(model)
+        t = time.perf_counter()
         generate(model, prompt, max_new_tokens=8, cuda_graph=cg)
         torch.cuda.synchronize()
+        first = time.perf_counter() - t
         t = time.perf_counter()
-        toks = generate(model, prompt, max_new_tokens=32, cuda_graph=cg)
+        toks = generate(model, prompt, max_new_tokens=64, cuda_graph=cg)
         torch.cuda.synchronize()
-        res[name] = (toks, time.perf_counter() - t)
-    same = res["reference"][0] == res["graph"][0]
-    lines = [f"greedy tokens equal (32 new): {same}",
-             f"reference: {res['reference'][1]:.3f} s for 32 (incl. prefill)", f"graph: {res['graph'][1]:.3f} s"]
-    dec = model.__dict__["_static_decoder"]
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(50):
-        dec.graph.replay()
-    torch.cuda.synchronize()
-    lines.append(f"graph replay: {(time.perf_counter() - t) / 50 * 1e3:.3f} ms/step")
+        res[name] = toks
+        lines.append(f"{name}: first call (capture) {first:.2f} s; 64 new tokens incl. prefill {time.perf_counter() - t:.3f} s")
+        if cg is None:
+            dec = model.__dict__["_static_decoder"]
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(50):
+                dec.graph.replay()
+            torch.cuda.synchronize()
+            lines.append(f"  graph replay: {(time.perf_counter() - t) / 50 * 1e3:.3f} ms/step")
+    Fusion.enabled = True
+    lines.append(f"greedy tokens (64) equal to reference: {[res[k] == res['reference'] for k in res]}")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         dec.graph.replay()
         torch.cuda.synchronize()
@@ -101,6 +134,44 @@ def profile_decode(model, out: Path) -> None:
     txt = "\n".join(lines)
     (out / "profile_decode.txt").write_text(txt)
     print(txt[:5000], flush=True)
+
+
+def decode_fp32(model, out: Path) -> None:
+    """Exactness of the static step on the real config: in fp32 (reference experts loop, no graph) the static
+    step must match the reference path to rounding. (Not under inference mode: the dtype casts would turn the
+    parameters into inference tensors, which training afterwards cannot use.)"""
+    model.float()
+    prompt = torch.randint(0, model.cfg.vocab_size, (2048,)).tolist()
+    txt = "fp32 " + teacher_forced(model, prompt, 24, graph=False)[0]
+    model.bfloat16()
+    (out / "decode_fp32.txt").write_text(txt)
+    print(txt, flush=True)
+
+
+@torch.inference_mode()
+def decode_compiled(model, out: Path) -> None:
+    """The graphed step with torch.compile of the whole step before capture: compile time and ms/step."""
+    from dsv4.inference.generate import StaticDecoder, release_static_decoder
+    model.eval()
+    prompt = torch.randint(0, model.cfg.vocab_size, (2048,)).tolist()
+    ref = generate(model, prompt, max_new_tokens=32)
+    StaticDecoder.compile_step = True
+    release_static_decoder(model)
+    t = time.perf_counter()
+    toks = generate(model, prompt, max_new_tokens=32)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t
+    dec = model.__dict__["_static_decoder"]
+    t = time.perf_counter()
+    for _ in range(50):
+        dec.graph.replay()
+    torch.cuda.synchronize()
+    txt = (f"compiled step: first call {first:.1f} s; replay {(time.perf_counter() - t) / 50 * 1e3:.3f} ms/step; "
+           f"tokens equal to the uncompiled graph: {toks == ref}")
+    StaticDecoder.compile_step = False
+    release_static_decoder(model)
+    (out / "decode_compiled.txt").write_text(txt)
+    print(txt, flush=True)
 
 
 def main() -> int:
@@ -114,8 +185,12 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build(load_config(args.config))
-    if "decode" in args.what:
+    if "fp32" in args.what:
+        decode_fp32(model, out)
+    if "decode" in args.what.split(","):
         profile_decode(model, out)
+    if "compiled" in args.what:
+        decode_compiled(model, out)
     if "train" in args.what:
         profile_train(model, out, args.batch, args.seq)
     print(json.dumps({"done": True}))

@@ -45,3 +45,26 @@ def test_csa_mask_equals_gather(monkeypatch, seq):
     assert 4 in model.cfg.compress_ratios and seq // 4 > model.cfg.index_topk   # top-k binds: paths differ
     _compare(model, ids, lambda: monkeypatch.setattr(Attention, "csa_mask_factor", 0),        # always gather
              lambda: monkeypatch.setattr(Attention, "csa_mask_factor", 10 ** 9))              # always mask
+
+
+def test_compiled_mhc_equals_eager():
+    """The fused (torch.compile) mHC maths that CUDA runs computes the eager functions: forward and gradients."""
+    from dsv4.model.mhc import hc_expand, hc_pre
+    g = torch.Generator().manual_seed(3)
+    b, s, n, D = 2, 5, 4, 16
+    h = torch.randn(b, s, n, D, generator=g, requires_grad=True)
+    fn = (torch.randn((2 + n) * n, n * D, generator=g) * 0.1).requires_grad_()
+    base, scale = torch.randn((2 + n) * n, generator=g).requires_grad_(), torch.rand(3, generator=g).requires_grad_()
+    y = torch.randn(b, s, D, generator=g, requires_grad=True)
+    args = (h, fn, base, scale, 20, 1e-6, 1e-6, "mhc")
+
+    def run(pre, expand):
+        x, post, comb = pre(*args)
+        out = expand(y + x, h, post, comb)
+        grads = torch.autograd.grad(out.square().sum(), (h, fn, base, scale, y))
+        return out, grads
+    ref, ref_g = run(hc_pre, hc_expand)
+    out, out_g = run(torch.compile(hc_pre), torch.compile(hc_expand))
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(out_g, ref_g):
+        assert float((a - r).norm()) <= 1e-4 * float(r.norm())

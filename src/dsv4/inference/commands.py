@@ -18,6 +18,11 @@ def _load(args):
                                                              ("bf16" if device == "cuda" else "fp32")]
     model = dsv4.load(ckpt, device=device, dtype=dtype, numerics=args.numerics, progress=True)
     tok = tokenizer_for_checkpoint(ckpt, model.cfg.vocab_size)
+    if args.compile:
+        from .generate import StaticDecoder
+        if device == "cpu":
+            print("dsv4: --compile applies to the CUDA-graphed decode step; ignored on the CPU", file=sys.stderr)
+        StaticDecoder.compile_step = True
     return model, tok
 
 
@@ -120,6 +125,9 @@ def _common(p) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--numerics", default=None, choices=["plain", "official"],
                    help="default: official for FP8/FP4 checkpoints, plain otherwise")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: torch.compile the decode step before capturing it as a CUDA graph (about 2x "
+                        "faster per token at batch 1, after a one-off compile of a minute or two)")
 
 
 def register(sub) -> None:

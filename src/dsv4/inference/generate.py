@@ -53,7 +53,10 @@ class StaticDecoder:
     captured once as a CUDA graph (first use: two warm-up runs, then the capture) and replayed for every later
     step, so a token costs one graph launch instead of thousands of kernel launches; elsewhere it runs eagerly.
     `generate_stream` keeps the last decoder on the model and reuses it while batch, capacity, settings and
-    weights are unchanged (`release_static_decoder` frees it)."""
+    weights are unchanged (`release_static_decoder` frees it). `compile_step` (class-wide, off by default):
+    also run the step through torch.compile before capturing it (fuses its small kernels; the first call then
+    takes the compile time)."""
+    compile_step = False
 
     def __init__(self, model: Transformer, batch: int, capacity: int, graph: bool):
         p = next(model.parameters())
@@ -92,16 +95,19 @@ class StaticDecoder:
         moes = [blk.ffn for blk in self.model.layers]
         for moe, st in zip(moes, self.stacked):
             moe.stacked = st
+        step = self.model.decode_step
+        if self.compile_step:
+            step = torch.compile(step, dynamic=False)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):            # warm-up: a step rewrites what it wrote, so repeating is safe
                 for _ in range(2):
-                    self.model.decode_step(self.ids, self.pos, self.caches)
+                    step(self.ids, self.pos, self.caches)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.logits = self.model.decode_step(self.ids, self.pos, self.caches)
+                self.logits = step(self.ids, self.pos, self.caches)
             self.graph = graph
         finally:
             for moe in moes:
@@ -119,7 +125,8 @@ def _decoder_key(model: Transformer, batch: int, capacity: int, graph: bool) -> 
     from ..model.attention import Attention
     from ..model.moe import MoE
     params = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
-    return (batch, capacity, graph, model.numerics, model.head_fp32, MoE.impl, Attention.csa_mask_factor, params)
+    return (batch, capacity, graph, StaticDecoder.compile_step, model.numerics, model.head_fp32, MoE.impl,
+            Attention.csa_mask_factor, params)
 
 
 def static_decoder(model: Transformer, batch: int, total: int, cuda_graph: bool | None) -> StaticDecoder | None:

@@ -9,6 +9,8 @@ and the sublayer output y re-enters as h'_k = post_k · y + Σ_j comb[j, k] · h
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -59,3 +61,40 @@ def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
     mixes = F.linear(x, fn.float()) * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
     pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps                  # [b, s, n]
     return hc_collapse(h, pre)
+
+
+def hc_pre(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int, hc_eps: float,
+           norm_eps: float, kind: str = "mhc") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hc_maps then hc_collapse: -> sublayer input [b,s,D], post [b,s,n], comb [b,s,n,n]."""
+    pre, post, comb = hc_maps(h, fn, base, scale, iters, hc_eps, norm_eps, kind)
+    return hc_collapse(h, pre), post, comb
+
+
+class Fusion:
+    """mHC is a few hundred tiny elementwise/reduction ops per sublayer (Sinkhorn alone: ~6 per iteration); on
+    CUDA they are compiled (torch.compile / inductor) into a few fused kernels, forward and backward. `enabled`
+    False keeps the eager functions everywhere; off CUDA and inside an outer torch.compile they run eagerly."""
+    enabled = True
+
+
+def fused(fn: Callable) -> Callable:
+    compiled = None
+
+    def run(*args, **kwargs):
+        nonlocal compiled
+        if Fusion.enabled and args[0].is_cuda and not torch.compiler.is_compiling():
+            if compiled is None:
+                # one graph per (grad mode, shape family): training, no-grad prefill at several lengths and
+                # decode at several batches exceed dynamo's default of 8 and would silently fall back to eager
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+                compiled = torch.compile(fn, dynamic=None)
+            return compiled(*args, **kwargs)
+        return fn(*args, **kwargs)
+    run.__name__ = run.__qualname__ = f"fused_{fn.__name__}"
+    run.__doc__ = f"{fn.__name__}, compiled on CUDA (see Fusion)."
+    return run
+
+
+hc_pre_fast = fused(hc_pre)
+hc_expand_fast = fused(hc_expand)
+hc_head_fast = fused(hc_head)

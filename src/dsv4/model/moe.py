@@ -140,12 +140,16 @@ class MoE(nn.Module):
     def _grouped(self, x: torch.Tensor) -> bool:
         if self.impl == "auto":
             official = self.experts[0].w1.official
-            return x.is_cuda and x.dtype == torch.bfloat16 and not official and hasattr(torch, "_grouped_mm")
+            bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cuda")
+                                                 and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+            return x.is_cuda and bf16 and not official and hasattr(torch, "_grouped_mm")
         return self.impl == "grouped"
 
     def _routed_grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
                         y: torch.Tensor) -> None:
         """(token, slot) pairs sorted by expert; w1|w3 as one grouped GEMM, then w2; results added into y [T, D]."""
+        if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+            x = x.to(torch.get_autocast_dtype("cuda"))                               # fp32 input under bf16 autocast
         k = idx.shape[1]
         order = idx.flatten().argsort(stable=True)                                   # [T·k]
         tok = order // k

@@ -13,7 +13,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import Attention, AttnCache
 from .layers import Linear, RMSNorm
-from .mhc import hc_collapse, hc_expand, hc_head, hc_maps
+from .mhc import hc_expand_fast, hc_head_fast, hc_pre_fast
 from .moe import MoE
 
 
@@ -40,10 +40,10 @@ class Block(nn.Module):
     def _sublayer(self, h: torch.Tensor, sub: str, fn) -> torch.Tensor:
         if self.residual == "plain":                       # ablation: one stream, ordinary residual
             return h + fn(h[:, :, 0]).unsqueeze(2)
-        pre, post, comb = hc_maps(h, getattr(self, f"hc_{sub}_fn"), getattr(self, f"hc_{sub}_base"),
-                                  getattr(self, f"hc_{sub}_scale"), self.iters, self.hc_eps, self.norm_eps,
-                                  "mhc" if self.residual == "mhc" else "hc")
-        return hc_expand(fn(hc_collapse(h, pre)), h, post, comb)
+        x, post, comb = hc_pre_fast(h, getattr(self, f"hc_{sub}_fn"), getattr(self, f"hc_{sub}_base"),
+                                    getattr(self, f"hc_{sub}_scale"), self.iters, self.hc_eps, self.norm_eps,
+                                    "mhc" if self.residual == "mhc" else "hc")
+        return hc_expand_fast(fn(x), h, post, comb)
 
     def forward(self, h: torch.Tensor, input_ids: torch.Tensor | None, start_pos: int = 0,
                 cache: AttnCache | None = None) -> torch.Tensor:
@@ -109,7 +109,7 @@ class Transformer(nn.Module):
         if self.cfg.residual == "plain":
             x = h[:, :, 0]
         else:
-            x = hc_head(h, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, self.cfg.hc_eps,
+            x = hc_head_fast(h, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, self.cfg.hc_eps,
                         self.cfg.rms_norm_eps)
         if self.head_fp32:                                                          # fp32 head, as official
             return F.linear(norm(x).float(), self.head.weight.float())
