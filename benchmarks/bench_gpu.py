@@ -117,6 +117,17 @@ def bench_train(cfg, model, peak, label: str, mtp: bool) -> None:
         torch.cuda.empty_cache()
 
 
+def loss_and_grads(model, ids) -> tuple[float, torch.Tensor]:
+    """LM loss and all gradients (flattened, fp32) of one training step: compiled blocks must reproduce them."""
+    model.train()
+    logits = model(ids)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss.backward()
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return float(loss), grads
+
+
 @torch.no_grad()
 def bench_prefill(cfg, model, max_context: int, deadline: float) -> None:
     model.eval()
@@ -226,9 +237,14 @@ def main() -> int:
         if "compile" in sections and time.time() < deadline:
             from torch import _dynamo
             _dynamo.config.cache_size_limit = 64
-            for blk in list(model.layers) + list(model.mtp):
+            ids = torch.randint(0, cfg.vocab_size, (1, 4096), device="cuda")
+            eager = loss_and_grads(model, ids)
+            for blk in list(model.layers) + list(model.mtp):       # as `dsv4 train --compile` does
                 blk.compile()
             t = time.time()
+            comp = loss_and_grads(model, ids)
+            log(what="compile_check", loss_eager=eager[0], loss_compiled=comp[0],
+                grad_rel_diff=float((comp[1] - eager[1]).norm() / eager[1].norm()), compile_s=time.time() - t)
             bench_train(cfg, model, peak, "compiled blocks", mtp=False)
             log(what="compile_time_s_incl_bench", s=time.time() - t)
     finally:

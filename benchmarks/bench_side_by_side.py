@@ -85,11 +85,14 @@ def table(args) -> int:
         rows.append({"metric": metric, "size": size, "dsv4": a, "transformers": b, "unit": unit,
                      "speedup": speed, "note": note})
 
-    for bsz in (1, 2):
+    for impl, bsz in ((i, b) for i in ("eager", "compiled blocks") for b in (1, 2)):
         a = next((r for r in ours if r["what"] == "train" and not r.get("mtp") and r["batch"] == bsz
-                  and r.get("impl") == "eager" and not r.get("oom")), None)
+                  and r.get("impl") == impl and not r.get("oom")), None)
         b = next((r for r in hf if r["what"] == "train" and r.get("bsz") == bsz), None)
-        add("train fwd+bwd", f"b{bsz}x4096", a and a["tok_s"], b and b.get("tok_s"),
+        if a is None and impl != "eager":
+            continue
+        add("train fwd+bwd" + (" (compiled blocks)" if impl != "eager" else ""), f"b{bsz}x4096",
+            a and a["tok_s"], b and b.get("tok_s"),
             note=(f"dsv4 MFU {100 * a['mfu']:.1f}%, {a['peak_gib']:.1f} GiB" if a else "")
             + (f"; HF {b['peak_gib']:.1f} GiB" if b and not b.get("oom") else "; HF OOM" if b else ""))
     seqs = sorted({r["seq"] for r in ours + hf if r["what"] == "prefill"})

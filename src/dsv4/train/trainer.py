@@ -79,6 +79,7 @@ class TrainConfig:
     ablation: dict = field(default_factory=dict)   # ModelConfig overrides: residual, attention, hc_mult, …
     progress: bool = True
     tensorboard: bool = True                # also write TensorBoard events when torch.utils.tensorboard works
+    compile: bool = False                   # CUDA: torch.compile every block (fewer, fused kernels; ~2x tok/s at batch 1)
 
     _CHOICES = {"schedule": ("cosine", "wsd", "constant"), "optimizer": ("muon", "adamw"),
                 "dtype": ("auto", "fp32", "bf16")}
@@ -190,6 +191,11 @@ class Trainer:
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp)
         if self.dist:
             self._shard()
+        if tc.compile and self.device.type == "cuda":
+            # in place (Module.compile), so parameter and checkpoint names stay those of the official layout
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            for blk in list(self.model.layers) + list(self.model.mtp):
+                blk.compile()
 
         from .optim import build_optimizer
         self.opt = build_optimizer(self.model, lr=tc.lr, weight_decay=tc.weight_decay, muon=tc.optimizer == "muon")
