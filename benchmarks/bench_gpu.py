@@ -35,6 +35,7 @@ from dsv4.inference.generate import generate, generate_stream, prefill  # noqa: 
 from dsv4.inference.kv import kv_report  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
 
+OUT_JSON: Path | None = None
 RESULTS: list[dict] = []
 TRAIN_SHAPES = [(1, 4096), (2, 4096)]
 DECODE = {"batches": (1, 16, 64), "prompt": 2048, "new": 64, "kv_context": 1 << 20}
@@ -43,6 +44,8 @@ DECODE = {"batches": (1, 16, 64), "prompt": 2048, "new": 64, "kv_context": 1 << 
 def log(**kw) -> None:
     RESULTS.append(kw)
     print(json.dumps(kw), flush=True)
+    if OUT_JSON is not None:                   # rewritten at every record: a killed run keeps what it measured
+        OUT_JSON.write_text(json.dumps(RESULTS, indent=1))
 
 
 def timed(fn, reps: int = 3) -> float:
@@ -208,6 +211,8 @@ def main() -> int:
     sections = args.sections.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    global OUT_JSON
+    OUT_JSON = out / "dsv4_gpu.json"
 
     cfg = load_config(args.config)
     peak = matmul_peak()
