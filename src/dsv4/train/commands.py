@@ -93,6 +93,9 @@ def cmd_train(args) -> int:
                   f"{trainer.loader.n_tokens:,} training tokens in {trainer.shard_dir}")
             print(f"  {'resumed at step ' + str(trainer.step) if resumed else 'starting at step 0'}; "
                   f"{tc.steps} steps of {tc.batch}×{tc.grad_accum} sequences; logs in {trainer.out / 'log.jsonl'}")
+            if tc.compile:
+                print("  blocks compiled with torch.compile (the first steps include the compile)"
+                      if trainer.device.type == "cuda" else "  --compile applies to CUDA only: ignored on the CPU")
         try:
             hist = trainer.fit()
         except KeyboardInterrupt:
