@@ -68,3 +68,24 @@ def test_compiled_mhc_equals_eager():
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(out_g, ref_g):
         assert float((a - r).norm()) <= 1e-4 * float(r.norm())
+
+
+@pytest.mark.parametrize("t0", [0, 5, 37, 300])
+def test_indexer_scores_only_visible_entries(t0):
+    """Scoring only the entries a sub-chunk's last query can see (t0 given) selects what scoring all of them
+    and masking the rest selects — including chunks that see none and chunks that see fewer than top-k."""
+    from dsv4.config import preset
+    from dsv4.model.attention import Indexer
+    cfg = preset("tiny").replace(index_n_heads=16, index_topk=8)
+    ind = Indexer(cfg, ratio=4)
+    g = torch.Generator().manual_seed(t0)
+    b, C, H, c, n = 2, 96, cfg.index_n_heads, cfg.index_head_dim, (t0 + 96) // 4 + 3   # a few future entries too
+    q, keys = torch.randn(b, C, H, c, generator=g), torch.randn(b, n, c, generator=g)
+    w = torch.randn(b, C, H, generator=g)
+    t = torch.arange(t0, t0 + C)
+    ref = ind.select(q, w, keys, t)
+    # sub-chunks of 7 queries: each sees a different prefix; no score ties with 16 heads and random inputs
+    fast = torch.cat([ind.select(q[:, i:i + 7], w[:, i:i + 7], keys, t[i:i + 7], t0 + i) for i in range(0, C, 7)], 1)
+    assert fast.shape == ref.shape == (b, C, 8)
+    assert torch.equal(fast.sort(-1).values, ref.sort(-1).values)
+    assert (ref[:, 0] == -1).all() == (t0 + 1 < 4)                     # the first query sees no entry when t0 < 3

@@ -80,22 +80,31 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         return q, w
 
-    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, t: torch.Tensor,
+               t0: int | None = None) -> torch.Tensor:
         """q [b,C,H,c], w [b,C,H], keys [b,N,c], t [C] absolute positions -> entry ids [b, C, k], −1 = none.
-        Queries are scored in sub-chunks so the [C', H, N] score tensor stays under 2^28 elements at any length."""
+        Queries are scored in sub-chunks so the [C', H, N] score tensor stays under 2^28 elements at any length.
+        t0 (optional, = t[0] as a Python int, positions contiguous): a sub-chunk then scores only the entries its
+        last query can see, not the later ones it would mask (half the work of a one-pass prefill)."""
         n = keys.shape[1]
         k = min(self.topk, n)
+        b, C = q.shape[:2]
         if k == 0:
-            return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.long, device=q.device)
-        step = max(1, (256 << 20) // max(1, q.shape[0] * self.n_heads * n))
+            return torch.empty(b, C, 0, dtype=torch.long, device=q.device)
+        step = max(1, (256 << 20) // max(1, b * self.n_heads * n))
         out = []
-        for c0 in range(0, q.shape[1], step):
+        for c0 in range(0, C, step):
             qc, wc, tc = q[:, c0:c0 + step], w[:, c0:c0 + step], t[c0:c0 + step]
-            s = torch.einsum("bchd,bnd->bchn", qc, keys.to(qc.dtype)).float().relu_()
-            s = torch.einsum("bchn,bch->bcn", s, wc)                                    # [b, C', N]
-            visible = torch.arange(n, device=q.device)[None] < ((tc + 1) // self.ratio)[:, None]   # [C', N]
-            idx = s.masked_fill_(~visible, NEG_INF).topk(k, dim=-1).indices
-            out.append(torch.where(idx < ((tc + 1) // self.ratio)[None, :, None], idx, -1))
+            m = n if t0 is None else min(n, (t0 + c0 + qc.shape[1]) // self.ratio)   # entries seen by the last query
+            idx = torch.full((b, qc.shape[1], k), -1, dtype=torch.long, device=q.device)
+            if m:
+                s = torch.einsum("bchd,bnd->bchn", qc, keys[:, :m].to(qc.dtype)).float().relu_()
+                s = torch.einsum("bchn,bch->bcn", s, wc)                                # [b, C', m]
+                n_vis = ((tc + 1) // self.ratio)[:, None]                                # [C', 1]
+                visible = torch.arange(m, device=q.device)[None] < n_vis                # [C', m]
+                top = s.masked_fill_(~visible, NEG_INF).topk(min(k, m), dim=-1).indices
+                idx[..., :top.shape[-1]] = torch.where(top < n_vis[None], top, -1)
+            out.append(idx)
         return torch.cat(out, 1)
 
     def select_static(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vis: torch.Tensor) -> torch.Tensor:
@@ -184,7 +193,7 @@ class Attention(nn.Module):
                 keys = self._compressed(x, start_pos, cache, self.indexer.compressor, "idx_keys")
                 iq, iw = self.indexer.queries(x, qr, cos, sin)
                 idx_sel = torch.cat([self.indexer.select(iq[:, c0:c0 + self.query_chunk], iw[:, c0:c0 + self.query_chunk],
-                                                         keys, t_all[c0:c0 + self.query_chunk])
+                                                         keys, t_all[c0:c0 + self.query_chunk], start_pos + c0)
                                      for c0 in range(0, L, self.query_chunk)], 1)   # [b, L, k]
                 if self.recorder is not None:
                     self.recorder("indexer", selected=idx_sel, positions=t_all, ratio=self.ratio)
