@@ -326,6 +326,8 @@ class Attention(nn.Module):
         kw = raw[:, lo - raw_start:hi - raw_start]                                   # [b, Nw, d]
         kpos = torch.arange(lo, hi, device=q.device)
         band = (kpos[None] <= t[:, None]) & (kpos[None] > t[:, None] - W)            # [C, Nw]
+        if comp is not None:        # entries later than the chunk's last query sees would only be masked
+            comp = comp[:, :(hi // self.ratio)]
         return self._attend_keys(q, kw, band, t, comp, sel)
 
     def _attend_keys(self, q, kw, band, t, comp, sel) -> torch.Tensor:
