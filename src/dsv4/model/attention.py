@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..numerics import indexer_roundtrip, kv_roundtrip
+from . import indexer_kernel, sparse_attention
 from .compressor import Compressor, CompressorState
 from .layers import Linear, RMSNorm, Rotary, unweighted_rms
 
@@ -62,6 +63,7 @@ class AttnCache:
 
 class Indexer(nn.Module):
     """Lightning indexer: score(t, j) = Σ_h w_{t,h} · ReLU(q_{t,h} · K_j); keeps the top-k visible entries."""
+    fused = True             # score with the Triton kernel where it runs (CUDA); False: always the reference path
 
     def __init__(self, cfg: ModelConfig, ratio: int):
         super().__init__()
@@ -83,7 +85,7 @@ class Indexer(nn.Module):
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, t: torch.Tensor,
                t0: int | None = None) -> torch.Tensor:
         """q [b,C,H,c], w [b,C,H], keys [b,N,c], t [C] absolute positions -> entry ids [b, C, k], −1 = none.
-        Queries are scored in sub-chunks so the [C', H, N] score tensor stays under 2^28 elements at any length.
+        Queries are scored in sub-chunks so the score tensor stays under 2^28 elements at any length.
         t0 (optional, = t[0] as a Python int, positions contiguous): a sub-chunk then scores only the entries its
         last query can see, not the later ones it would mask (half the work of a one-pass prefill)."""
         n = keys.shape[1]
@@ -91,18 +93,23 @@ class Indexer(nn.Module):
         b, C = q.shape[:2]
         if k == 0:
             return torch.empty(b, C, 0, dtype=torch.long, device=q.device)
-        step = max(1, (256 << 20) // max(1, b * self.n_heads * n))
+        fused = self.fused and indexer_kernel.available(q)
+        # the reference path's [C', H, N] scores (the fused kernel's [C', N]) stay under 2^28 elements
+        step = max(1, (256 << 20) // max(1, b * (1 if fused else self.n_heads) * n))
         out = []
         for c0 in range(0, C, step):
             qc, wc, tc = q[:, c0:c0 + step], w[:, c0:c0 + step], t[c0:c0 + step]
             m = n if t0 is None else min(n, (t0 + c0 + qc.shape[1]) // self.ratio)   # entries seen by the last query
             idx = torch.full((b, qc.shape[1], k), -1, dtype=torch.long, device=q.device)
             if m:
-                s = torch.einsum("bchd,bnd->bchn", qc, keys[:, :m].to(qc.dtype)).float().relu_()
-                s = torch.einsum("bchn,bch->bcn", s, wc)                                # [b, C', m]
                 n_vis = ((tc + 1) // self.ratio)[:, None]                                # [C', 1]
-                visible = torch.arange(m, device=q.device)[None] < n_vis                # [C', m]
-                top = s.masked_fill_(~visible, NEG_INF).topk(min(k, m), dim=-1).indices
+                if fused:
+                    s = indexer_kernel.visible_scores(qc, wc, keys[:, :m], tc, self.ratio)   # [b, C', m]
+                else:
+                    s = torch.einsum("bchd,bnd->bchn", qc, keys[:, :m].to(qc.dtype)).float().relu_()
+                    s = torch.einsum("bchn,bch->bcn", s, wc)                            # [b, C', m]
+                    s.masked_fill_(torch.arange(m, device=q.device)[None] >= n_vis, NEG_INF)
+                top = s.topk(min(k, m), dim=-1).indices
                 idx[..., :top.shape[-1]] = torch.where(top < n_vis[None], top, -1)
             out.append(idx)
         return torch.cat(out, 1)
@@ -123,6 +130,7 @@ class Indexer(nn.Module):
 
 class Attention(nn.Module):
     query_chunk = 512
+    fused = True             # one-pass calls on CUDA use the FlexAttention kernel (sparse_attention.py)
     csa_mask_factor = 4      # CSA picks applied as a mask while n_compressed ≤ factor · top-k, gathered beyond
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
@@ -202,6 +210,9 @@ class Attention(nn.Module):
             cache.window[:, :tail.shape[1]] = tail
             cache.n_window = tail.shape[1]
 
+        if self.fused and cache is None and start_pos == 0 and self.recorder is None and sparse_attention.available(q):
+            o = sparse_attention.attend(q, kv, comp, idx_sel, self.attn_sink, self.window, self.ratio)
+            return self._output(o.to(x.dtype), cos, sin)
         outs = [self._attend(q[:, c0:c0 + self.query_chunk], raw, raw_start, t_all[c0:c0 + self.query_chunk],
                              start_pos + c0, comp, None if idx_sel is None else idx_sel[:, c0:c0 + self.query_chunk])
                 for c0 in range(0, L, self.query_chunk)]

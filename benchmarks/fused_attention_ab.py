@@ -1,0 +1,156 @@
+"""A/B of the fused attention paths on one GPU (bench config, bf16): FlexAttention sparse MQA for one-pass calls
+(`Attention.fused`) and the Triton indexer (`Indexer.fused`), each against the reference path, in one process.
+
+    python benchmarks/fused_attention_ab.py --out DIR [--sections check,train,prefill,long] [--budget-s 540]
+
+  check    fp32 on the bench config, 2048 tokens: loss and gradients fused vs reference
+  train    forward+backward tok/s at b1x4096 and b2x4096 (LM loss), reference vs fused
+  prefill  one-pass prefill tok/s at 4K…32K, reference vs fused
+  long     chunked prefill through the KV cache (64K, 256K): indexer reference vs Triton
+Writes DIR/fused_ab.json after every record.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from bench_gpu import build, timed  # noqa: E402
+from dsv4.config import load_config  # noqa: E402
+from dsv4.inference.generate import prefill  # noqa: E402
+from dsv4.model import Transformer, init_weights  # noqa: E402
+from dsv4.model.attention import Attention, Indexer  # noqa: E402
+
+RESULTS: list[dict] = []
+OUT: Path | None = None
+
+
+def log(**kw) -> None:
+    RESULTS.append(kw)
+    print(json.dumps(kw), flush=True)
+    if OUT is not None:
+        OUT.write_text(json.dumps(RESULTS, indent=1))
+
+
+def set_fused(attn: bool, indexer: bool) -> None:
+    Attention.fused, Indexer.fused = attn, indexer
+
+
+def check(cfg) -> None:
+    torch.manual_seed(0)
+    model = init_weights(Transformer(cfg), seed=0).cuda().float().train()
+    ids = torch.randint(0, cfg.vocab_size, (1, 2048), device="cuda")
+    res = []
+    for fused in (False, True):
+        set_fused(fused, fused)
+        loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        res.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    worst = max(float((res[1][1][n] - g).norm() / (g.norm() + 1e-30)) for n, g in res[0][1].items())
+    log(what="check_fp32", seq=2048, loss_ref=res[0][0], loss_fused=res[1][0], worst_grad_rel=worst)
+    del model
+    torch.cuda.empty_cache()
+
+
+def train(cfg, model, deadline) -> None:
+    model.train()
+    for b, s in [(1, 4096), (2, 4096)]:
+        ids = torch.randint(0, cfg.vocab_size, (b, s), device="cuda")
+
+        def step():
+            loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        for fused in (False, True):
+            if time.time() > deadline:
+                return
+            set_fused(fused, fused)
+            t0 = time.perf_counter()
+            step()
+            step()
+            warm = time.perf_counter() - t0
+            torch.cuda.reset_peak_memory_stats()
+            t = timed(step, 3)
+            log(what="train", fused=fused, batch=b, seq=s, s=t, tok_s=b * s / t, warmup_s=warm,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def prefill_one_pass(cfg, model, deadline) -> None:
+    model.eval()
+    for seq in (4096, 8192, 16384, 32768):
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), device="cuda")
+        for fused in (False, True):
+            if time.time() > deadline:
+                return
+            set_fused(fused, fused)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            fn = lambda: model(ids, last_only=True)  # noqa: E731
+            fn()
+            t = timed(fn, 2)
+            log(what="prefill", mode="one pass", fused=fused, seq=seq, s=t, tok_s=seq / t,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
+@torch.no_grad()
+def prefill_long(cfg, model, deadline) -> None:
+    model.eval()
+    for seq in (65536, 262144):
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), device="cuda")
+        for fused in (False, True):
+            if time.time() > deadline:
+                return
+            set_fused(False, fused)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+            def fn():
+                prefill(model, ids, model.new_caches(1, seq, mtp=False), chunk=8192)
+            if seq <= 65536:
+                fn()
+            t = timed(fn, 1)
+            log(what="prefill", mode="chunked 8192 via KV cache", indexer_fused=fused, seq=seq, s=t, tok_s=seq / t,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
+def main() -> int:
+    global OUT
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--config", default=str(HERE / "bench_small.json"))
+    ap.add_argument("--sections", default="check,train,prefill,long")
+    ap.add_argument("--budget-s", type=float, default=540)
+    args = ap.parse_args()
+    deadline = time.time() + args.budget_s
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    OUT = Path(args.out) / "fused_ab.json"
+    cfg = load_config(args.config)
+    log(what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    sections = args.sections.split(",")
+    if "check" in sections:
+        check(cfg)
+    model = build(cfg)
+    if "train" in sections:
+        train(cfg, model, deadline)
+    if "prefill" in sections:
+        prefill_one_pass(cfg, model, deadline)
+    if "long" in sections:
+        prefill_long(cfg, model, deadline)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

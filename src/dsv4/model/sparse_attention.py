@@ -1,0 +1,108 @@
+"""Fused sparse MQA for one-pass calls (training, prefill from position 0) on CUDA, through FlexAttention.
+
+The reference path (`Attention._attend_keys`) computes, per 512-query chunk, score tensors over the window slab
+and the compressed entries, masks them, concatenates the sink, softmaxes and multiplies again by the values:
+every intermediate goes through memory, forward and backward. Here one FlexAttention kernel (Triton, generated
+by torch.compile with its backward) does all of it with an online softmax:
+
+- MQA with shared KV: the h heads of a token become h consecutive query rows of a single head
+  ([b, L, h, d] viewed as [b, 1, L·h, d], no copy), so a block of rows (128 / h tokens × h heads) reads each
+  key tile once for all heads. Keys and values are the same tensor: [raw KV (padded) ‖ compressed entries].
+- Which keys a row sees: its window band of raw KV, then the compressed entries visible to it (HCA) or
+  picked for it by the indexer (CSA, a [b, L, N] membership table read inside the kernel). Key blocks no row of
+  a query block sees are skipped (the block mask is built from the same rules, not by evaluating every pair).
+- Sinks: the kernel's log-sum-exp gives the softmax denominator Z without the sink; the sink only widens it,
+  so o = o_flex · Z / (Z + e^sink) = o_flex · sigmoid(lse − sink), differentiable in the sink.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from torch.nn.attention import flex_attention as _fa
+except ImportError:                      # pragma: no cover - torch < 2.5
+    _fa = None
+
+Q_BLOCK = 128          # query rows (tokens × heads) per block-mask tile
+K_BLOCK = 128          # keys per block-mask tile
+_compiled = None
+
+
+def available(q: torch.Tensor) -> bool:
+    return _fa is not None and q.is_cuda and Q_BLOCK % q.shape[2] == 0
+
+
+def _flex(*args, **kwargs):
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_fa.flex_attention, dynamic=False)
+    return _compiled(*args, **kwargs)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: torch.Tensor | None,
+           sink: torch.Tensor, window: int, ratio: int, kernel_options: dict | None = None) -> torch.Tensor:
+    """q [b,L,h,d] at positions 0…L−1; kv [b,L,d] their raw KV; comp [b,N,d] compressed entries (entry j
+    visible from position (j+1)·ratio − 1 on) or None; sel [b,L,k] CSA picks (−1 = none) or None (HCA: every
+    visible entry); sink [h] -> o [b, L, h, d] in q's dtype."""
+    b, L, h, d = q.shape
+    tpb = Q_BLOCK // h                                      # tokens per query block
+    Lp, Sp = _cdiv(L, tpb) * tpb, _cdiv(L, K_BLOCK) * K_BLOCK
+    N = 0 if comp is None else comp.shape[1]
+    Np = _cdiv(N, K_BLOCK) * K_BLOCK
+    parts = [F.pad(kv.to(q.dtype), (0, 0, 0, Sp - L))]
+    if N:
+        parts.append(F.pad(comp.to(q.dtype), (0, 0, 0, Np - N)))
+    keys = torch.cat(parts, 1).unsqueeze(1)                 # [b, 1, Sp + Np, d]
+    rows = (F.pad(q, (0, 0, 0, 0, 0, Lp - L)) if Lp != L else q).reshape(b, 1, Lp * h, d)
+
+    # ---- which key blocks each query block touches: [b, nQ, nK] -----------------------------------------
+    dev = q.device
+    nQ = Lp // tpb
+    t_lo = torch.arange(nQ, device=dev) * tpb
+    t_hi = (t_lo + tpb - 1).clamp(max=L - 1)
+    kb = torch.arange(Sp // K_BLOCK, device=dev)
+    blocks = [((kb[None] >= ((t_lo - window + 1).clamp(min=0) // K_BLOCK)[:, None])
+               & (kb[None] <= (t_hi // K_BLOCK)[:, None])).expand(b, -1, -1)]
+    member = None
+    if N:
+        cb = torch.arange(Np // K_BLOCK, device=dev)
+        if sel is None:                                     # HCA: the entries the block's last token sees
+            blocks.append(((cb[None] * K_BLOCK) < ((t_hi + 1) // ratio)[:, None]).expand(b, -1, -1))
+        else:                                               # CSA: the entries any of its tokens picked
+            member = torch.zeros(b, Lp, Np + 1, dtype=torch.bool, device=dev)
+            member[:, :L].scatter_(2, sel + 1, True)
+            member = member[..., 1:]                                            # [b, Lp, Np]
+            blocks.append(member.view(b, nQ, tpb, Np // K_BLOCK, K_BLOCK).any(-1).any(2))
+    blocks = torch.cat(blocks, -1).unsqueeze(1)                                 # [b, 1, nQ, nK]
+    num = blocks.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+
+    def mask_mod(bi, hi, qi, ki):
+        t = qi // h
+        in_window = (ki < Sp) & (ki <= t) & (ki > t - window)
+        if not N:
+            return in_window
+        j = (ki - Sp).clamp(min=0)
+        if member is None:
+            seen = (ki >= Sp) & ((j + 1) * ratio <= t + 1)
+        else:
+            seen = (ki >= Sp) & member[bi, t, j]
+        return in_window | seen
+
+    bm = _fa.BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=(Q_BLOCK, K_BLOCK), mask_mod=mask_mod,
+                                      seq_lengths=(Lp * h, keys.shape[2]))
+    if hasattr(_fa, "AuxRequest"):
+        o, aux = _flex(rows, keys, keys, block_mask=bm, scale=d ** -0.5, kernel_options=kernel_options,
+                       return_aux=_fa.AuxRequest(lse=True))
+        lse = aux.lse
+    else:                                                   # pragma: no cover - older torch
+        o, lse = _flex(rows, keys, keys, block_mask=bm, scale=d ** -0.5, kernel_options=kernel_options,
+                       return_lse=True)
+    o, lse = o.view(b, Lp, h, d)[:, :L], lse.view(b, Lp, h)[:, :L]
+    keep = torch.sigmoid(lse - sink.float())                                    # Z / (Z + e^sink)
+    return (o.float() * keep.unsqueeze(-1)).to(q.dtype)
