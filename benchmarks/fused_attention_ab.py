@@ -6,6 +6,7 @@
   check    fp32 on the bench config, 2048 tokens: loss and gradients fused vs reference
   train    forward+backward tok/s at b1x4096 and b2x4096 (LM loss), reference vs fused
   prefill  one-pass prefill tok/s at 4K…32K, reference vs fused
+  decode   greedy decode through the reference path (no CUDA graph) after 2048 tokens: indexer reference vs Triton
   long     chunked prefill through the KV cache (64K, 256K): indexer reference vs Triton
 Writes DIR/fused_ab.json after every record.
 """
@@ -43,7 +44,8 @@ def log(**kw) -> None:
 
 
 def set_fused(attn: bool, indexer: bool) -> None:
-    Attention.fused, Indexer.fused = attn, indexer
+    Attention.fused = Attention.fused_training = attn
+    Indexer.fused = indexer
 
 
 def check(cfg) -> None:
@@ -126,12 +128,25 @@ def prefill_long(cfg, model, deadline) -> None:
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
 
 
+@torch.no_grad()
+def decode_eager(cfg, model, deadline) -> None:
+    from dsv4.inference.generate import generate_stream
+    model.eval()
+    prompts = torch.randint(0, cfg.vocab_size, (1, 2048)).tolist()
+    for fused in (False, True, False, True):
+        if time.time() > deadline:
+            return
+        set_fused(False, fused)
+        stamps = [time.perf_counter() for _ in generate_stream(model, prompts, 24, cuda_graph=False)]
+        log(what="decode", cuda_graph=False, indexer_fused=fused, tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]))
+
+
 def main() -> int:
     global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
-    ap.add_argument("--sections", default="check,train,prefill,long")
+    ap.add_argument("--sections", default="check,train,prefill,decode,long")
     ap.add_argument("--budget-s", type=float, default=540)
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
@@ -143,10 +158,13 @@ def main() -> int:
     if "check" in sections:
         check(cfg)
     model = build(cfg)
+    Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
     if "train" in sections:
         train(cfg, model, deadline)
     if "prefill" in sections:
         prefill_one_pass(cfg, model, deadline)
+    if "decode" in sections:
+        decode_eager(cfg, model, deadline)
     if "long" in sections:
         prefill_long(cfg, model, deadline)
     return 0

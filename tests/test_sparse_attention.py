@@ -39,6 +39,7 @@ def test_fused_forward_equals_reference(flex_anywhere, monkeypatch, seq):
 
 @pytest.mark.skipif(not CUDA, reason="FlexAttention has no backward on the CPU")
 def test_fused_gradients_equal_reference(monkeypatch):
+    monkeypatch.setattr(Attention, "fused_training", True)
     model = random_tiny(5).float().cuda().train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1)).cuda()
     grads = []

@@ -130,7 +130,8 @@ class Indexer(nn.Module):
 
 class Attention(nn.Module):
     query_chunk = 512
-    fused = True             # one-pass calls on CUDA use the FlexAttention kernel (sparse_attention.py)
+    fused = True             # one-pass calls on CUDA (prefill, scoring, training) use FlexAttention (sparse_attention.py)
+    fused_training = True    # False: training keeps the reference path (the fused backward is only at par, docs/performance.md)
     csa_mask_factor = 4      # CSA picks applied as a mask while n_compressed ≤ factor · top-k, gathered beyond
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
@@ -210,7 +211,8 @@ class Attention(nn.Module):
             cache.window[:, :tail.shape[1]] = tail
             cache.n_window = tail.shape[1]
 
-        if self.fused and cache is None and start_pos == 0 and self.recorder is None and sparse_attention.available(q):
+        if (self.fused and cache is None and start_pos == 0 and self.recorder is None and sparse_attention.available(q)
+                and (self.fused_training or not (torch.is_grad_enabled() and q.requires_grad))):
             o = sparse_attention.attend(q, kv, comp, idx_sel, self.attn_sink, self.window, self.ratio)
             return self._output(o.to(x.dtype), cos, sin)
         outs = [self._attend(q[:, c0:c0 + self.query_chunk], raw, raw_start, t_all[c0:c0 + self.query_chunk],
