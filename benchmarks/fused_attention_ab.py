@@ -4,7 +4,8 @@
     python benchmarks/fused_attention_ab.py --out DIR [--sections check,train,prefill,long] [--budget-s 540]
 
   check    fp32 on the bench config, 2048 tokens: loss and gradients fused vs reference
-  train    forward+backward tok/s at b1x4096 and b2x4096 (LM loss), reference vs fused
+  train    forward+backward tok/s at b1x4096 and b2x4096 (LM loss): reference, fused with FlexAttention's
+           backward, fused with the Triton backward (sparse_attention_bwd.py)
   prefill  one-pass prefill tok/s at 4K…32K, reference vs fused
   decode   greedy decode through the reference path (no CUDA graph) after 2048 tokens: indexer reference vs Triton
   long     chunked prefill through the KV cache (64K, 256K): indexer reference vs Triton
@@ -29,7 +30,7 @@ sys.path.insert(0, str(HERE))
 from bench_gpu import build, timed  # noqa: E402
 from dsv4.config import load_config  # noqa: E402
 from dsv4.inference.generate import prefill  # noqa: E402
-from dsv4.model import Transformer, init_weights  # noqa: E402
+from dsv4.model import Transformer, init_weights, sparse_attention  # noqa: E402
 from dsv4.model.attention import Attention, Indexer  # noqa: E402
 
 RESULTS: list[dict] = []
@@ -74,17 +75,18 @@ def train(cfg, model, deadline) -> None:
             loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             loss.backward()
             model.zero_grad(set_to_none=True)
-        for fused in (False, True):
+        for fused, triton_bwd in ((False, False), (True, False), (True, True)):
             if time.time() > deadline:
                 return
             set_fused(fused, fused)
+            sparse_attention.Backward.triton = triton_bwd
             t0 = time.perf_counter()
             step()
             step()
             warm = time.perf_counter() - t0
             torch.cuda.reset_peak_memory_stats()
             t = timed(step, 3)
-            log(what="train", fused=fused, batch=b, seq=s, s=t, tok_s=b * s / t, warmup_s=warm,
+            log(what="train", fused=fused, backward="triton" if triton_bwd else "flex" if fused else "reference", batch=b, seq=s, s=t, tok_s=b * s / t, warmup_s=warm,
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
         torch.cuda.empty_cache()
 

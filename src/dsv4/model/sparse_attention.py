@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import sparse_attention_bwd
+
 try:
     from torch.nn.attention import flex_attention as _fa
 except ImportError:                      # pragma: no cover - torch < 2.5
@@ -48,7 +50,46 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
            sink: torch.Tensor, window: int, ratio: int, kernel_options: dict | None = None) -> torch.Tensor:
     """q [b,L,h,d] at positions 0…L−1; kv [b,L,d] their raw KV; comp [b,N,d] compressed entries (entry j
     visible from position (j+1)·ratio − 1 on) or None; sel [b,L,k] CSA picks (−1 = none) or None (HCA: every
-    visible entry); sink [h] -> o [b, L, h, d] in q's dtype."""
+    visible entry); sink [h] -> o [b, L, h, d] in q's dtype. With gradients needed and `Backward.triton`, the
+    backward is the Triton kernel of sparse_attention_bwd.py instead of FlexAttention's."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kv, comp, sink))
+    if needs_grad and Backward.triton and sparse_attention_bwd.available(q):
+        return _SparseMQA.apply(q, kv, comp, sink, sel, window, ratio, kernel_options)
+    o, lse = _forward(q, kv, comp, sel, window, ratio, kernel_options)
+    keep = torch.sigmoid(lse - sink.float())                                    # Z / (Z + e^sink)
+    return (o.float() * keep.unsqueeze(-1)).to(q.dtype)
+
+
+class Backward:
+    triton = True            # False: FlexAttention's own backward (16×16 tiles for head_dim 512, slower)
+
+
+class _SparseMQA(torch.autograd.Function):
+    """FlexAttention forward, Triton backward (one program per token walking exactly its keys)."""
+
+    @staticmethod
+    def forward(ctx, q, kv, comp, sink, sel, window, ratio, kernel_options):
+        with torch.no_grad():
+            o, lse = _forward(q.detach(), kv.detach(), None if comp is None else comp.detach(), sel, window, ratio,
+                              kernel_options)
+            lse_all = torch.logaddexp(lse, sink.float())                         # denominator incl. the sink
+            out = (o.float() * torch.exp(lse - lse_all).unsqueeze(-1)).to(q.dtype)
+        ctx.save_for_backward(q, kv, comp, sel, out, lse_all, sink)
+        ctx.window, ctx.ratio = window, ratio
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, kv, comp, sel, out, lse_all, sink = ctx.saved_tensors
+        dq, dkv, dcomp, dsink = sparse_attention_bwd.backward(q, kv, comp, sel, out, do, lse_all, sink,
+                                                               ctx.window, ctx.ratio)
+        return (dq, dkv.to(kv.dtype), None if comp is None else dcomp.to(comp.dtype), dsink.to(sink.dtype),
+                None, None, None, None)
+
+
+def _forward(q, kv, comp, sel, window, ratio, kernel_options):
+    """FlexAttention over the window band and the compressed entries, no sink: -> o [b,L,h,d] (q's dtype),
+    lse [b,L,h] fp32 (log of the softmax denominator without the sink)."""
     b, L, h, d = q.shape
     tpb = Q_BLOCK // h                                      # tokens per query block
     Lp, Sp = _cdiv(L, tpb) * tpb, _cdiv(L, K_BLOCK) * K_BLOCK
@@ -103,6 +144,4 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
     else:                                                   # pragma: no cover - older torch
         o, lse = _flex(rows, keys, keys, block_mask=bm, scale=d ** -0.5, kernel_options=kernel_options,
                        return_lse=True)
-    o, lse = o.view(b, Lp, h, d)[:, :L], lse.view(b, Lp, h)[:, :L]
-    keep = torch.sigmoid(lse - sink.float())                                    # Z / (Z + e^sink)
-    return (o.float() * keep.unsqueeze(-1)).to(q.dtype)
+    return o.view(b, Lp, h, d)[:, :L], lse.view(b, Lp, h)[:, :L].float()
