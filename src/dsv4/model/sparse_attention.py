@@ -54,7 +54,7 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
     backward is the Triton kernel of sparse_attention_bwd.py instead of FlexAttention's."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kv, comp, sink))
     if needs_grad and Backward.triton and sparse_attention_bwd.available(q):
-        return _SparseMQA.apply(q, kv, comp, sink, sel, window, ratio, kernel_options)
+        return _sparse_mqa(q, kv, comp, sink, sel, window, ratio, kernel_options)
     o, lse = _forward(q, kv, comp, sel, window, ratio, kernel_options)
     keep = torch.sigmoid(lse - sink.float())                                    # Z / (Z + e^sink)
     return (o.float() * keep.unsqueeze(-1)).to(q.dtype)
@@ -85,6 +85,11 @@ class _SparseMQA(torch.autograd.Function):
                                                                ctx.window, ctx.ratio)
         return (dq, dkv.to(kv.dtype), None if comp is None else dcomp.to(comp.dtype), dsink.to(sink.dtype),
                 None, None, None, None)
+
+
+@torch.compiler.disable       # inside compiled blocks (train --compile) the Function runs as is, between graphs
+def _sparse_mqa(*args):
+    return _SparseMQA.apply(*args)
 
 
 def _forward(q, kv, comp, sel, window, ratio, kernel_options):
