@@ -131,7 +131,7 @@ class Indexer(nn.Module):
 class Attention(nn.Module):
     query_chunk = 512
     fused = True             # one-pass calls on CUDA (prefill, scoring, training) use FlexAttention (sparse_attention.py)
-    fused_training = True    # False: training keeps the reference path (the fused backward is only at par, docs/performance.md)
+    fused_training = True    # False: training keeps the reference path (backward: sparse_attention_bwd.py on CUDA)
     csa_mask_factor = 4      # CSA picks applied as a mask while n_compressed ≤ factor · top-k, gathered beyond
 
     def __init__(self, cfg: ModelConfig, layer_id: int):

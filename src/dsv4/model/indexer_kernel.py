@@ -62,6 +62,7 @@ if triton is not None:
         tl.store(out_ptr, acc, mask=out_ok)
 
 
+@torch.compiler.disable       # called from compiled blocks (train --compile): runs between graphs
 def visible_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, t: torch.Tensor, ratio: int) -> torch.Tensor:
     """q [b,C,H,c] (bf16 or fp32), w [b,C,H] fp32, keys [b,N,c], t [C] positions -> [b, C, N] fp32 scores,
     −inf where entry j is not yet visible to query t (j ≥ (t+1)//ratio)."""
