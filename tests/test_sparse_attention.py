@@ -75,3 +75,23 @@ def test_triton_backward_equals_reference(flex_anywhere, monkeypatch):
     assert grads[0].keys() == grads[1].keys()
     for n, g in grads[0].items():     # 3e-4: fp32 atomic adds in another order (seen on CUDA: 1.04e-4, embed.weight)
         assert float((grads[1][n] - g).norm()) <= 3e-4 * float(g.norm()) + 1e-9, n
+
+
+def test_kernel_failure_falls_back_to_reference(flex_anywhere, monkeypatch):
+    """Where the fused kernel cannot compile (say, too little shared memory for head_dim 512), the model warns
+    once, says why, and computes the reference result instead of failing."""
+    model = random_tiny(4).float().to(flex_anywhere)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0)).to(flex_anywhere)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+    monkeypatch.setattr(sparse_attention, "_forward", broken)
+    monkeypatch.setattr(sparse_attention.Unavailable, "reason", None)
+    with torch.no_grad():
+        monkeypatch.setattr(Attention, "fused", False)
+        ref = model(ids)
+        monkeypatch.setattr(Attention, "fused", True)
+        with pytest.warns(RuntimeWarning, match="shared memory") as rec:
+            out = model(ids)
+    assert torch.equal(out, ref)
+    assert len(rec) == 1 and "shared memory" in sparse_attention.Unavailable.reason

@@ -213,8 +213,9 @@ class Attention(nn.Module):
 
         if (self.fused and cache is None and start_pos == 0 and self.recorder is None and sparse_attention.available(q)
                 and (self.fused_training or not (torch.is_grad_enabled() and q.requires_grad))):
-            o = sparse_attention.attend(q, kv, comp, idx_sel, self.attn_sink, self.window, self.ratio)
-            return self._output(o.to(x.dtype), cos, sin)
+            o = sparse_attention.attend_or_none(q, kv, comp, idx_sel, self.attn_sink, self.window, self.ratio)
+            if o is not None:                        # None: the kernel cannot compile here (warned once)
+                return self._output(o.to(x.dtype), cos, sin)
         outs = [self._attend(q[:, c0:c0 + self.query_chunk], raw, raw_start, t_all[c0:c0 + self.query_chunk],
                              start_pos + c0, comp, None if idx_sel is None else idx_sel[:, c0:c0 + self.query_chunk])
                 for c0 in range(0, L, self.query_chunk)]

@@ -16,6 +16,8 @@ by torch.compile with its backward) does all of it with an online softmax:
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -53,7 +55,7 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
     visible entry); sink [h] -> o [b, L, h, d] in q's dtype. With gradients needed and `Backward.triton`, the
     backward is the Triton kernel of sparse_attention_bwd.py instead of FlexAttention's."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kv, comp, sink))
-    if needs_grad and Backward.triton and sparse_attention_bwd.available(q):
+    if needs_grad and Backward.triton and sparse_attention_bwd.available(q) and _backward_compiles(q):
         return _sparse_mqa(q, kv, comp, sink, sel, window, ratio, kernel_options)
     o, lse = _forward(q, kv, comp, sel, window, ratio, kernel_options)
     keep = torch.sigmoid(lse - sink.float())                                    # Z / (Z + e^sink)
@@ -62,6 +64,57 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
 
 class Backward:
     triton = True            # False: FlexAttention's own backward (16×16 tiles for head_dim 512, slower)
+
+
+class Unavailable:
+    """Why the fused path failed on this machine (set once, then the reference path runs), or None."""
+    reason: str | None = None
+
+
+def attend_or_none(*args, **kwargs) -> torch.Tensor | None:
+    """`attend`, or None where this GPU / torch / Triton cannot compile it (e.g. not enough shared memory for
+    head_dim 512 tiles): then one warning says why, and the caller's reference path runs from then on."""
+    if Unavailable.reason is not None:
+        return None
+    try:
+        return attend(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - compile failures surface as many exception types
+        Unavailable.reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        warnings.warn(f"dsv4: the fused attention kernel does not run here ({Unavailable.reason}); "
+                      "using the reference attention path", RuntimeWarning, stacklevel=2)
+        return None
+
+
+_backward_ok: dict = {}
+
+
+@torch.compiler.disable
+def _backward_compiles(q: torch.Tensor) -> bool:
+    """Compile and run the Triton backward once on a small problem with q's heads, head size and dtype (all
+    three key layouts): a backward that fails to compile would otherwise surface in the middle of loss.backward().
+    A failure warns once and FlexAttention's backward is used instead."""
+    key = (q.device, q.shape[2], q.shape[3], q.dtype)
+    if key not in _backward_ok:
+        h, d = q.shape[2:]
+        g = torch.Generator(device=q.device).manual_seed(0)
+        x = torch.randn(1, 8, h, d, device=q.device, dtype=q.dtype, generator=g)
+        kv = torch.randn(1, 8, d, device=q.device, dtype=q.dtype, generator=g)
+        comp = torch.randn(1, 2, d, device=q.device, dtype=q.dtype, generator=g)
+        lse = torch.full((1, 8, h), 10.0, device=q.device)
+        sel = torch.tensor([[[0, -1]] * 8], device=q.device)
+        try:
+            for c, s in ((None, None), (comp, None), (comp, sel)):
+                sparse_attention_bwd.backward(x, kv, c, s, x, x, lse, torch.zeros(h, device=q.device), 4, 4)
+            _backward_ok[key] = True
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            _backward_ok[key] = False
+            warnings.warn(f"dsv4: the Triton attention backward does not compile here ({type(e).__name__}); "
+                          "using FlexAttention's backward", RuntimeWarning, stacklevel=3)
+    return _backward_ok[key]
 
 
 class _SparseMQA(torch.autograd.Function):
