@@ -37,13 +37,8 @@ def test_fused_forward_equals_reference(flex_anywhere, monkeypatch, seq):
     assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
-@pytest.mark.skipif(not CUDA, reason="FlexAttention has no backward on the CPU")
-def test_fused_gradients_equal_reference(monkeypatch):
-    """FlexAttention's own backward (Backward.triton off) gives the reference gradients."""
-    monkeypatch.setattr(Attention, "fused_training", True)
-    monkeypatch.setattr(sparse_attention.Backward, "triton", False)
-    model = random_tiny(5).float().cuda().train()
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1)).cuda()
+def _reference_and_fused_grads(model, ids, monkeypatch) -> list[dict]:
+    """All parameter gradients of one loss, reference attention then fused; both give the same parameters."""
     grads = []
     for fused in (False, True):
         monkeypatch.setattr(Attention, "fused", fused)
@@ -51,6 +46,17 @@ def test_fused_gradients_equal_reference(monkeypatch):
         model(ids).logsumexp(-1).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
+    return grads
+
+
+@pytest.mark.skipif(not CUDA, reason="FlexAttention has no backward on the CPU")
+def test_fused_gradients_equal_reference(monkeypatch):
+    """FlexAttention's own backward (Backward.triton off) gives the reference gradients."""
+    monkeypatch.setattr(Attention, "fused_training", True)
+    monkeypatch.setattr(sparse_attention.Backward, "triton", False)
+    model = random_tiny(5).float().cuda().train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1)).cuda()
+    grads = _reference_and_fused_grads(model, ids, monkeypatch)
     for n, g in grads[0].items():
         assert float((grads[1][n] - g).norm()) <= 1e-4 * float(g.norm()) + 1e-9, n
     assert any("attn_sink" in n for n in grads[0])
@@ -66,13 +72,7 @@ def test_triton_backward_equals_reference(flex_anywhere, monkeypatch):
     monkeypatch.setattr(sparse_attention.Backward, "triton", True)
     model = random_tiny(6).float().to(flex_anywhere).train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 90), generator=torch.Generator().manual_seed(3)).to(flex_anywhere)
-    grads = []
-    for fused in (False, True):
-        monkeypatch.setattr(Attention, "fused", fused)
-        model.zero_grad(set_to_none=True)
-        model(ids).logsumexp(-1).mean().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
+    grads = _reference_and_fused_grads(model, ids, monkeypatch)
     for n, g in grads[0].items():     # 3e-4: fp32 atomic adds in another order (seen on CUDA: 1.04e-4, embed.weight)
         assert float((grads[1][n] - g).norm()) <= 3e-4 * float(g.norm()) + 1e-9, n
 

@@ -212,7 +212,7 @@ class Attention(nn.Module):
             cache.n_window = tail.shape[1]
 
         if (self.fused and cache is None and start_pos == 0 and self.recorder is None and sparse_attention.available(q)
-                and (self.fused_training or not (torch.is_grad_enabled() and q.requires_grad))):
+                and (self.fused_training or not sparse_attention.needs_grad(q, kv, comp, self.attn_sink))):
             o = sparse_attention.attend_or_none(q, kv, comp, idx_sel, self.attn_sink, self.window, self.ratio)
             if o is not None:                        # None: the kernel cannot compile here (warned once)
                 return self._output(o.to(x.dtype), cos, sin)

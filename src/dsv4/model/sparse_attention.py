@@ -54,12 +54,21 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
     visible from position (j+1)·ratio − 1 on) or None; sel [b,L,k] CSA picks (−1 = none) or None (HCA: every
     visible entry); sink [h] -> o [b, L, h, d] in q's dtype. With gradients needed and `Backward.triton`, the
     backward is the Triton kernel of sparse_attention_bwd.py instead of FlexAttention's."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kv, comp, sink))
-    if needs_grad and Backward.triton and sparse_attention_bwd.available(q) and _backward_compiles(q):
+    if needs_grad(q, kv, comp, sink) and Backward.triton and sparse_attention_bwd.available(q) and _backward_compiles(q):
         return _sparse_mqa(q, kv, comp, sink, sel, window, ratio, kernel_options)
-    o, lse = _forward(q, kv, comp, sel, window, ratio, kernel_options)
-    keep = torch.sigmoid(lse - sink.float())                                    # Z / (Z + e^sink)
-    return (o.float() * keep.unsqueeze(-1)).to(q.dtype)
+    return _with_sink(*_forward(q, kv, comp, sel, window, ratio, kernel_options), sink)[0]
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether this call builds an autograd graph through any of these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _with_sink(o: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """o, lse without the sink -> (o with the sink in the denominator, in o's dtype; log-denominator incl. the
+    sink). The sink only widens the denominator: o · Z / (Z + e^sink)."""
+    lse_all = torch.logaddexp(lse, sink.float())
+    return (o.float() * torch.exp(lse - lse_all).unsqueeze(-1)).to(o.dtype), lse_all
 
 
 class Backward:
@@ -123,10 +132,8 @@ class _SparseMQA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, comp, sink, sel, window, ratio, kernel_options):
         with torch.no_grad():
-            o, lse = _forward(q.detach(), kv.detach(), None if comp is None else comp.detach(), sel, window, ratio,
-                              kernel_options)
-            lse_all = torch.logaddexp(lse, sink.float())                         # denominator incl. the sink
-            out = (o.float() * torch.exp(lse - lse_all).unsqueeze(-1)).to(q.dtype)
+            out, lse_all = _with_sink(*_forward(q.detach(), kv.detach(), None if comp is None else comp.detach(),
+                                                sel, window, ratio, kernel_options), sink)
         ctx.save_for_backward(q, kv, comp, sel, out, lse_all, sink)
         ctx.window, ctx.ratio = window, ratio
         return out

@@ -14,10 +14,9 @@ dk goes to fp32 buffers with atomic adds (keys are shared between tokens). The f
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from . import indexer_kernel
 from .indexer_kernel import triton
 
 if triton is not None:
@@ -92,10 +91,9 @@ if triton is not None:
 
 
 def available(q: torch.Tensor) -> bool:
-    if triton is None:
-        return False
+    """Triton runs where q lives (indexer_kernel.available) and the head size suits tl.dot (a power of two ≥ 16)."""
     d = q.shape[-1]
-    return (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and d >= 16 and not d & (d - 1)
+    return indexer_kernel.available(q) and d >= 16 and not d & (d - 1)
 
 
 def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
