@@ -157,6 +157,7 @@ def _fsdp_worker(rank, world, init_file, out_file):
     local_rows = sd["state"]["0.weight"]["momentum"].shape[0]
     if rank == 0:
         torch.save({"params": full, "rows": local_rows}, out_file)
+    dist.barrier()          # no rank tears gloo down while the other still talks (seen once: SIGABRT at exit)
     dist.destroy_process_group()
 
 
