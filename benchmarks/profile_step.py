@@ -4,6 +4,10 @@
 
 train:  one forward+backward at batch x seq (eager, LM loss), after a warm-up; the top kernels and ops by
         CUDA time go to DIR/profile_train.txt (and a chrome trace, DIR/train_trace.json.gz)
+train_compiled: the same with every block under torch.compile (as `dsv4 train --compile`; includes the compile
+        time) -> DIR/profile_train_compiled.txt
+compiled: the decode step compiled before capture: compile time, ms/step, tok/s through generate_stream and its
+        kernels (DIR/decode_compiled.txt)
 decode: the graphed static decode step against the reference path: same greedy tokens after a 2048-token
         prompt, per-step milliseconds of each, and the kernels of one eager static step (DIR/profile_decode.txt)
 """
@@ -25,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from dsv4.config import load_config  # noqa: E402
-from dsv4.inference.generate import generate  # noqa: E402
+from dsv4.inference.generate import generate, generate_stream  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
 
 
@@ -44,9 +48,15 @@ def table(prof, n: int = 40) -> str:
     return "\n".join(out)
 
 
-def profile_train(model, out: Path, b: int, s: int) -> None:
+def profile_train(model, out: Path, b: int, s: int, compiled: bool = False) -> None:
     model.train()
     ids = torch.randint(0, model.cfg.vocab_size, (b, s), device="cuda")
+    name = "profile_train_compiled" if compiled else "profile_train"
+    if compiled:                                          # as `dsv4 train --compile` does
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        t = time.perf_counter()
+        for blk in model.layers:
+            blk.compile()
 
     def step():
         logits = model(ids)
@@ -55,17 +65,21 @@ def profile_train(model, out: Path, b: int, s: int) -> None:
     step()
     step()
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t
+    head = f"compile + 2 warm-up steps {time.perf_counter() - t:.1f} s\n" if compiled else ""
+    walls = []
+    for _ in range(3):
+        t = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t)
+    wall = sorted(walls)[1]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    txt = f"train b{b}x{s}: {wall * 1e3:.1f} ms wall, {b * s / wall:,.0f} tok/s\n" + table(prof)
-    (out / "profile_train.txt").write_text(txt)
+    txt = head + f"train b{b}x{s}: {wall * 1e3:.1f} ms wall (median of 3), {b * s / wall:,.0f} tok/s\n" + table(prof)
+    (out / f"{name}.txt").write_text(txt)
     prof.export_chrome_trace(str(out / "train_trace.json"))
-    with open(out / "train_trace.json", "rb") as f, gzip.open(out / "train_trace.json.gz", "wb") as g:
+    with open(out / "train_trace.json", "rb") as f, gzip.open(out / f"{name}_trace.json.gz", "wb") as g:
         g.write(f.read())
     os.remove(out / "train_trace.json")
     print(txt[:6000], flush=True)
@@ -168,6 +182,13 @@ def decode_compiled(model, out: Path) -> None:
     torch.cuda.synchronize()
     txt = (f"compiled step: first call {first:.1f} s; replay {(time.perf_counter() - t) / 50 * 1e3:.3f} ms/step; "
            f"tokens equal to the uncompiled graph: {toks == ref}")
+    for _ in range(2):        # end to end through generate_stream (as bench_gpu.py's decode rows): first token to last
+        stamps = [time.perf_counter() for _ in generate_stream(model, [prompt], 256)]
+        txt += f"\ngenerate_stream b1, 256 new tokens: {(len(stamps) - 1) / (stamps[-1] - stamps[0]):.1f} tok/s"
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.graph.replay()
+        torch.cuda.synchronize()
+    txt += "\n" + table(prof, 40)
     StaticDecoder.compile_step = False
     release_static_decoder(model)
     (out / "decode_compiled.txt").write_text(txt)
@@ -185,14 +206,16 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build(load_config(args.config))
-    if "fp32" in args.what:
+    if "fp32" in args.what.split(","):
         decode_fp32(model, out)
     if "decode" in args.what.split(","):
         profile_decode(model, out)
-    if "compiled" in args.what:
+    if "compiled" in args.what.split(","):
         decode_compiled(model, out)
-    if "train" in args.what:
+    if "train" in args.what.split(","):
         profile_train(model, out, args.batch, args.seq)
+    if "train_compiled" in args.what.split(","):
+        profile_train(model, out, args.batch, args.seq, compiled=True)
     print(json.dumps({"done": True}))
     return 0
 

@@ -155,6 +155,32 @@ def release_static_decoder(model: Transformer) -> None:
     model.__dict__.pop("_static_decoder", None)
 
 
+class _Readback:
+    """Token ids from the device to the host without draining the stream: on CUDA a non-blocking copy into
+    pinned memory and an event recorded right after it, so work queued later (the next decode step) keeps
+    running while the host waits for just these ids. Elsewhere a plain read."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.host = torch.empty(batch, dtype=torch.long, pin_memory=True)
+            self.event = torch.cuda.Event()
+        self.ids: torch.Tensor | None = None
+
+    def start(self, ids: torch.Tensor) -> None:
+        if self.cuda:
+            self.host.copy_(ids, non_blocking=True)
+            self.event.record()
+        else:
+            self.ids = ids
+
+    def wait(self) -> list[int]:
+        if self.cuda:
+            self.event.synchronize()
+            return self.host.tolist()
+        return self.ids.tolist()
+
+
 @torch.inference_mode()
 def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                     temperature: float = 0.0, top_p: float = 1.0, stop_ids: Sequence[int] | None = None,
@@ -183,6 +209,7 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     else:
         caches = model.new_caches(B, total, mtp=False)
         logits = prefill(model, tokens[:, :start], caches)
+    readback = _Readback(B, dev)
     try:
         done = [False] * B
         produced = [0] * B
@@ -190,7 +217,10 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
             nxt = sample(logits, temperature, top_p, gen)
             nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
             tokens[:, cur] = nxt
-            vals = nxt.tolist()                                  # the step's one read-back
+            readback.start(nxt)
+            if dec is not None and cur + 1 < total:   # queue the next step before waiting for this token: the GPU never idles on the host
+                logits = dec.step(tokens[:, cur:cur + 1], cur)
+            vals = readback.wait()                               # the step's one read-back
             out: list[int | None] = []
             for i in range(B):
                 if cur < lens[i] or done[i] or produced[i] >= max_new_tokens:
@@ -204,9 +234,7 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
                 yield out
             if all(done[i] or produced[i] >= max_new_tokens for i in range(B)) and cur >= max(lens) - 1:
                 return
-            if dec is not None:
-                logits = dec.step(tokens[:, cur:cur + 1], cur)
-            else:
+            if dec is None:
                 logits = model(tokens[:, cur:cur + 1], cur, caches)[:, -1]
     finally:
         if dec is not None:
