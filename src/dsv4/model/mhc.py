@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import sinkhorn_kernel
+
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """[..., n, n] logits -> (approximately) doubly-stochastic matrix, in the official iteration order:
@@ -39,7 +41,8 @@ def hc_maps(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
     post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
     comb = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
     if kind == "mhc":
-        comb = sinkhorn(comb, iters, hc_eps)
+        use_kernel = Fusion.enabled and comb.is_cuda and sinkhorn_kernel.available(comb)
+        comb = (sinkhorn_kernel.sinkhorn if use_kernel else sinkhorn)(comb, iters, hc_eps)
     return pre, post, comb
 
 
@@ -72,8 +75,10 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
 
 class Fusion:
     """mHC is a few hundred tiny elementwise/reduction ops per sublayer (Sinkhorn alone: ~6 per iteration); on
-    CUDA they are compiled (torch.compile / inductor) into a few fused kernels, forward and backward. `enabled`
-    False keeps the eager functions everywhere; off CUDA and inside an outer torch.compile they run eagerly."""
+    CUDA they are compiled (torch.compile / inductor) into a few fused kernels, forward and backward, and
+    Sinkhorn runs as one Triton kernel (`sinkhorn_kernel`; inductor would emit one kernel per normalisation).
+    `enabled` False keeps the eager functions everywhere; off CUDA and inside an outer torch.compile they run
+    eagerly."""
     enabled = True
 
 
