@@ -26,13 +26,12 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _normalize(u, eps, AXIS: tl.constexpr):
-        """u [B, NP, NP] -> (u / (Σ_AXIS u + eps), the denominator broadcast back)."""
-        den = tl.expand_dims(tl.sum(u, axis=AXIS), AXIS) + eps
-        return u / den, den
+    def _den(u, EPS: tl.constexpr, AXIS: tl.constexpr):
+        """Σ_AXIS u + eps, broadcast back over AXIS (fp32: EPS is a compile-time fp32 constant)."""
+        return tl.expand_dims(tl.sum(u, axis=AXIS), AXIS) + EPS
 
     @triton.jit
-    def _softmax_rows(x, ok, eps):
+    def _softmax_rows(x, ok, EPS: tl.constexpr):
         """Row softmax + eps of the real entries (pads stay 0): -> (m0, the softmax itself)."""
         x = tl.where(ok, x, float("-inf"))
         mx = tl.max(x, axis=2)
@@ -40,7 +39,7 @@ if triton is not None:
         e = tl.exp(x - tl.expand_dims(mx, 2))
         e = tl.where(ok, e, 0.)
         s = e / tl.maximum(tl.expand_dims(tl.sum(e, axis=2), 2), 1e-30)
-        return tl.where(ok, s + eps, 0.), s
+        return tl.where(ok, s + EPS, 0.), s
 
     @triton.jit
     def _tile(pid, M, N: tl.constexpr, NP: tl.constexpr, B: tl.constexpr):
@@ -52,37 +51,38 @@ if triton is not None:
         return offs, ok
 
     @triton.jit
-    def _fwd_kernel(X, Y, M, iters, eps, N: tl.constexpr, NP: tl.constexpr, B: tl.constexpr):
+    def _sinkhorn_fwd(X, Y, M, ITERS: tl.constexpr, EPS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                    B: tl.constexpr):
         offs, ok = _tile(tl.program_id(0), M, N, NP, B)
         x = tl.load(X + offs, mask=ok, other=0.)
-        m, _ = _softmax_rows(x, ok, eps)
-        m, _ = _normalize(m, eps, 1)                                    # columns
-        for _ in range(iters - 1):
-            m, _ = _normalize(m, eps, 2)                                # rows
-            m, _ = _normalize(m, eps, 1)                                # columns
+        m, _ = _softmax_rows(x, ok, EPS)
+        m = m / _den(m, EPS, 1)                                          # columns
+        for _ in tl.static_range(ITERS - 1):
+            m = m / _den(m, EPS, 2)                                      # rows
+            m = m / _den(m, EPS, 1)                                      # columns
         tl.store(Y + offs, m, mask=ok)
 
     @triton.jit
-    def _bwd_kernel(X, DY, DX, M, iters, eps, N: tl.constexpr, NP: tl.constexpr, B: tl.constexpr):
+    def _sinkhorn_bwd(X, DY, DX, M, ITERS: tl.constexpr, EPS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                    B: tl.constexpr):
         offs, ok = _tile(tl.program_id(0), M, N, NP, B)
         x = tl.load(X + offs, mask=ok, other=0.)
         g = tl.load(DY + offs, mask=ok, other=0.)
-        m0, s = _softmax_rows(x, ok, eps)
-        steps = 2 * iters - 1                 # normalisation k: columns for even k, rows for odd k
+        m0, s = _softmax_rows(x, ok, EPS)
+        steps = 2 * ITERS - 1                 # normalisation k: columns for even k, rows for odd k
         for kk in range(steps):
             k = steps - 1 - kk
             u = m0
-            for t in range(k):                # recompute the input of normalisation k
-                if t % 2 == 0:
-                    u, _ = _normalize(u, eps, 1)
-                else:
-                    u, _ = _normalize(u, eps, 2)
-            if k % 2 == 0:
-                y, den = _normalize(u, eps, 1)
-                g = (g - tl.expand_dims(tl.sum(g * y, axis=1), 1)) / den
+            for t in range(k // 2):           # recompute the input of normalisation k: (column, row) pairs …
+                u = u / _den(u, EPS, 1)
+                u = u / _den(u, EPS, 2)
+            if k % 2 == 1:                    # … and one more column pass before a row normalisation
+                u = u / _den(u, EPS, 1)
+                den = _den(u, EPS, 2)
+                g = (g - tl.expand_dims(tl.sum(g * (u / den), axis=2), 2)) / den
             else:
-                y, den = _normalize(u, eps, 2)
-                g = (g - tl.expand_dims(tl.sum(g * y, axis=2), 2)) / den
+                den = _den(u, EPS, 1)
+                g = (g - tl.expand_dims(tl.sum(g * (u / den), axis=1), 1)) / den
             g = tl.where(ok, g, 0.)           # pads would otherwise pick up −Σ g·y and overflow on eps
         # g is now d(softmax + eps): softmax backward per row
         dx = s * (g - tl.expand_dims(tl.sum(g * s, axis=2), 2))
@@ -92,18 +92,18 @@ if triton is not None:
         n = x.shape[-1]
         out = torch.empty_like(x)
         M = x.numel() // (n * n)
-        grid = (triton.cdiv(M, BLOCK),)
-        torch.library.wrap_triton(kernel)[grid](x, *tensors, out, M, iters, eps, N=n,
-                                                NP=triton.next_power_of_2(n), B=BLOCK)
+        B = BLOCK if M > 16 else 16                       # decode: one token per sequence
+        torch.library.wrap_triton(kernel)[(triton.cdiv(M, B),)](x, *tensors, out, M, ITERS=iters, EPS=eps, N=n,
+                                                               NP=triton.next_power_of_2(n), B=B)
         return out
 
     @torch.library.triton_op("dsv4::sinkhorn", mutates_args=())
     def _sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-        return _launch(_fwd_kernel, logits, iters=iters, eps=eps)
+        return _launch(_sinkhorn_fwd, logits, iters=iters, eps=eps)
 
     @torch.library.triton_op("dsv4::sinkhorn_backward", mutates_args=())
     def _sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-        return _launch(_bwd_kernel, logits, grad, iters=iters, eps=eps)
+        return _launch(_sinkhorn_bwd, logits, grad, iters=iters, eps=eps)
 
     def _setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
