@@ -1,14 +1,16 @@
 """The Triton Sinkhorn kernel (mHC's comb maps) equals `mhc.sinkhorn`, forward and backward. Runs where Triton
 runs: on a CUDA machine, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1); skipped elsewhere (CI's
 CPU build of torch has no Triton)."""
+import os
+
 import pytest
 import torch
 
 from dsv4.model import mhc, sinkhorn_kernel
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not sinkhorn_kernel.available(torch.empty(0, device=DEV)),
-                                reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+runs_here = pytest.mark.skipif(not sinkhorn_kernel.available(torch.empty(0, device=DEV)),
+                               reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
 
 
 def _pair(shape, seed=0, spread=3.0):
@@ -17,6 +19,7 @@ def _pair(shape, seed=0, spread=3.0):
     return x, x.detach().clone().requires_grad_()
 
 
+@runs_here
 @pytest.mark.parametrize("shape", [(2, 37, 4, 4), (130, 4, 4), (5, 3, 3)])   # several programs, a ragged last
 def test_kernel_equals_reference(shape):                                       # block, n not a power of two
     """Same doubly-stochastic matrices and the same gradient w.r.t. the logits (fp32, to rounding)."""
@@ -31,6 +34,7 @@ def test_kernel_equals_reference(shape):                                       #
     assert xr.grad.abs().max() > 1e-3
 
 
+@runs_here
 def test_kernel_follows_iterations_and_eps():
     """Iteration count and eps reach the kernel: 1 iteration (softmax + one column pass) differs from 20, and
     each matches the reference at its own setting."""
@@ -51,3 +55,18 @@ def test_kernel_inside_torch_compile():
     f(x).backward()
     mhc.sinkhorn(xr * 2.0, 20, 1e-6).square().sum().backward()
     assert (x.grad - xr.grad).norm() / xr.grad.norm() < 1e-5
+
+
+@pytest.mark.skipif(sinkhorn_kernel.triton is None or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs Triton's compiler (not its interpreter)")
+def test_kernels_compile_for_hopper():
+    """Both kernels compile for sm90 (no GPU needed). Triton's interpreter runs code the compiler rejects
+    (e.g. a value of different shapes in the two branches of an if), so the tests above alone cannot tell."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    consts = {"ITERS": 20, "EPS": 1e-6, "N": 4, "NP": 4, "B": 64}
+    for fn, ptrs in ((sinkhorn_kernel._sinkhorn_fwd, ["X", "Y"]), (sinkhorn_kernel._sinkhorn_bwd, ["X", "DY", "DX"])):
+        sig = {**{p: "*fp32" for p in ptrs}, "M": "i32", **{k: "constexpr" for k in consts}}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()})
+        assert ".entry" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]

@@ -62,12 +62,15 @@ def test_fused_gradients_equal_reference(monkeypatch):
     assert any("attn_sink" in n for n in grads[0])
 
 
-def test_triton_backward_equals_reference(flex_anywhere, monkeypatch):
-    """The Triton backward (one program per token over exactly its keys, atomic dKV) gives the reference path's
-    gradients: every parameter, sinks included. On the CPU it runs under Triton's interpreter (fp32)."""
+@pytest.mark.parametrize("window_dkv", ["keys", "atomic"])
+def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv):
+    """The Triton backward (one program per token over exactly its keys; the window's dKV per key block, or by
+    atomic adds) gives the reference path's gradients: every parameter, sinks included. On the CPU it runs under
+    Triton's interpreter (fp32)."""
     from dsv4.model import sparse_attention_bwd
     if not sparse_attention_bwd.available(torch.empty(1, 16, device=flex_anywhere)):
         pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    monkeypatch.setattr(sparse_attention_bwd.Config, "window_dkv", window_dkv)
     monkeypatch.setattr(Attention, "fused_training", True)
     monkeypatch.setattr(sparse_attention.Backward, "triton", True)
     model = random_tiny(6).float().to(flex_anywhere).train()

@@ -78,11 +78,11 @@ if triton is not None:
                 u = u / _den(u, EPS, 2)
             if k % 2 == 1:                    # … and one more column pass before a row normalisation
                 u = u / _den(u, EPS, 1)
-                den = _den(u, EPS, 2)
-                g = (g - tl.expand_dims(tl.sum(g * (u / den), axis=2), 2)) / den
+                den_r = _den(u, EPS, 2)       # (branch-local names: Triton needs same-shape values across branches)
+                g = (g - tl.expand_dims(tl.sum(g * (u / den_r), axis=2), 2)) / den_r
             else:
-                den = _den(u, EPS, 1)
-                g = (g - tl.expand_dims(tl.sum(g * (u / den), axis=1), 1)) / den
+                den_c = _den(u, EPS, 1)
+                g = (g - tl.expand_dims(tl.sum(g * (u / den_c), axis=1), 1)) / den_c
             g = tl.where(ok, g, 0.)           # pads would otherwise pick up −Σ g·y and overflow on eps
         # g is now d(softmax + eps): softmax backward per row
         dx = s * (g - tl.expand_dims(tl.sum(g * s, axis=2), 2))

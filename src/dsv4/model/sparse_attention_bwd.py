@@ -23,11 +23,19 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _bwd_kernel(Q, KV, COMP, SEL, O, DO, LSE, SINK, DQ, DKV, DCOMP, DSINK,
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _bwd_kernel(Q, KV, COMP, SEL, O, DO, LSE, SINK, DQ, DKV, DCOMP, DSINK, DELTA,
                     L, window, ratio, n_sel, scale,
                     sq_b, sq_t, sq_h, skv_b, skv_t, sc_b, sc_n, ss_b, ss_t, sl_b, sl_t,
                     H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
-                    IEEE: tl.constexpr):
+                    WINDOW_DKV: tl.constexpr, IEEE: tl.constexpr):
+        """One token, all heads: dq over its window band then its compressed entries; dcomp by atomic adds;
+        the window's dkv by atomic adds only if WINDOW_DKV (otherwise _dkv_window_kernel computes it)."""
         t, b = tl.program_id(0), tl.program_id(1)
         heads = tl.arange(0, HP)
         hm = heads < H
@@ -38,56 +46,86 @@ if triton is not None:
         lse = tl.load(LSE + b * sl_b + t * sl_t + heads, mask=hm, other=float("inf"))     # [HP] (sink included)
         o = tl.load(O + qoff, mask=hm[:, None], other=0.)
         dacc = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)                           # D_h = dO_h · o_h
+        tl.store(DELTA + (b * L + t) * H + heads, dacc, mask=hm)
         dq = tl.zeros([HP, D], dtype=tl.float32)
         w0 = tl.maximum(t - window + 1, 0)
-        n_w = t - w0 + 1
-        if MODE == 1:
-            n_c = (t + 1) // ratio
-        elif MODE == 2:
-            n_c = n_sel
-        else:
-            n_c = 0
-        for start in range(0, n_w + n_c, BN):
-            i = start + tl.arange(0, BN)
-            in_w = i < n_w
-            j = i - n_w
-            if MODE == 2:
-                sel = tl.load(SEL + b * ss_b + t * ss_t + j, mask=(~in_w) & (j < n_c), other=-1)
-                ok_c = (~in_w) & (sel >= 0)
-                jc = tl.where(ok_c, sel, 0)
-            else:
-                ok_c = (~in_w) & (j < n_c)
-                jc = tl.where(ok_c, j, 0)
-            ok = in_w | ok_c
-            pos = tl.where(in_w, w0 + i, 0)
-            kw = tl.load(KV + b * skv_b + pos[:, None] * skv_t + dims[None, :], mask=in_w[:, None], other=0.)
-            k = kw
-            if MODE != 0:
-                kc = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok_c[:, None], other=0.)
-                k = tl.where(in_w[:, None], kw, kc)                                     # [BN, D]
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                dp = tl.dot(do, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-                dp = tl.dot(do, tl.trans(k))
-            p = tl.exp(s * scale - lse[:, None])
+        for start in range(0, t - w0 + 1, BN):                        # window band: keys w0 … t
+            pos = w0 + start + tl.arange(0, BN)
+            ok = pos <= t
+            k = tl.load(KV + b * skv_b + pos[:, None] * skv_t + dims[None, :], mask=ok[:, None], other=0.)
+            p = tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None])
             p = tl.where(ok[None, :] & hm[:, None], p, 0.)                             # [HP, BN]
-            ds = p * (dp - dacc[:, None])
-            if IEEE:
-                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee") * scale \
-                    + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+            ds = p * (_dot(do, tl.trans(k), IEEE) - dacc[:, None])
+            dq += _dot(ds.to(k.dtype), k, IEEE)
+            if WINDOW_DKV:
+                dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale + _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+                tl.atomic_add(DKV + b * skv_b + pos[:, None] * skv_t + dims[None, :], dk, mask=ok[:, None])
+        if MODE != 0:                                                 # compressed entries: HCA visible / CSA picks
+            if MODE == 1:
+                n_c = (t + 1) // ratio
             else:
-                dq += tl.dot(ds.to(k.dtype), k)
-                dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale + tl.dot(tl.trans(p.to(do.dtype)), do)
-            tl.atomic_add(DKV + b * skv_b + pos[:, None] * skv_t + dims[None, :], dk, mask=in_w[:, None])
-            if MODE != 0:
-                tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], dk, mask=ok_c[:, None])
+                n_c = n_sel
+            for start in range(0, n_c, BN):
+                j = start + tl.arange(0, BN)
+                if MODE == 2:
+                    jc = tl.load(SEL + b * ss_b + t * ss_t + j, mask=j < n_c, other=-1)
+                    ok = jc >= 0
+                    jc = tl.where(ok, jc, 0)
+                else:
+                    ok = j < n_c
+                    jc = tl.where(ok, j, 0)
+                k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
+                p = tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None])
+                p = tl.where(ok[None, :] & hm[:, None], p, 0.)
+                ds = p * (_dot(do, tl.trans(k), IEEE) - dacc[:, None])
+                dq += _dot(ds.to(k.dtype), k, IEEE)
+                dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale + _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+                tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], dk, mask=ok[:, None])
         tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=hm[:, None])
         sink = tl.load(SINK + heads, mask=hm, other=0.)
         p_sink = tl.exp(sink - lse)
         tl.store(DSINK + (b * L + t) * H + heads, -p_sink * dacc, mask=hm)
+
+    @triton.jit
+    def _dkv_window_kernel(Q, KV, DO, LSE, DELTA, DKV, L, window, scale,
+                           sq_b, sq_t, sq_h, skv_b, skv_t, sl_b, sl_t,
+                           H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
+                           TB: tl.constexpr, IEEE: tl.constexpr):
+        """BK raw keys against every (token, head) row whose window band holds one of them (tokens k0 …
+        k0+BK+W−2, TB tokens × HP heads per step): their dkv accumulates in registers, written once (no atomics)."""
+        kb, b = tl.program_id(0), tl.program_id(1)
+        k0 = kb * BK
+        keys = k0 + tl.arange(0, BK)
+        kin = keys < L
+        dims = tl.arange(0, D)
+        k = tl.load(KV + b * skv_b + keys[:, None] * skv_t + dims[None, :], mask=kin[:, None], other=0.)  # [BK, D]
+        r = tl.arange(0, TB * HP)
+        head = r % HP
+        acc = tl.zeros([BK, D], dtype=tl.float32)
+        t_end = tl.minimum(k0 + BK - 1 + window - 1, L - 1)
+        for t0 in range(k0, t_end + 1, TB):
+            tok = t0 + r // HP
+            row_ok = (tok <= t_end) & (head < H)
+            qoff = b * sq_b + tok[:, None] * sq_t + head[:, None] * sq_h + dims[None, :]
+            q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.)                          # [TB·HP, D]
+            do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.)
+            lse = tl.load(LSE + b * sl_b + tok * sl_t + head, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + (b * L + tok) * H + head, mask=row_ok, other=0.)
+            seen = row_ok[:, None] & kin[None, :] & (keys[None, :] <= tok[:, None]) \
+                & (keys[None, :] > tok[:, None] - window)
+            p = tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None])
+            p = tl.where(seen, p, 0.)                                                    # [TB·HP, BK]
+            ds = p * (_dot(do, tl.trans(k), IEEE) - delta[:, None])
+            acc += _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale + _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        tl.store(DKV + b * skv_b + keys[:, None] * skv_t + dims[None, :], acc, mask=kin[:, None])
+
+
+class Config:
+    """window_dkv: 'keys' = the window band's dkv by _dkv_window_kernel (per key block, no atomics); 'atomic' =
+    by atomic adds from the per-token kernel (the first version; kept for A/B runs)."""
+    window_dkv = "keys"
+    key_block = 32            # keys per _dkv_window_kernel program
+    token_block = 2           # tokens per step of its loop (× padded heads = rows of its dots)
 
 
 def available(q: torch.Tensor) -> bool:
@@ -106,13 +144,21 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     comp_c = comp.to(q.dtype).contiguous() if mode else kv
     sel_c = sel.to(torch.int32).contiguous() if mode == 2 else torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
     dq = torch.empty_like(q)
-    dkv = torch.zeros(b, L, d, dtype=torch.float32, device=q.device)
+    by_keys = Config.window_dkv == "keys"
+    dkv = (torch.empty if by_keys else torch.zeros)(b, L, d, dtype=torch.float32, device=q.device)
     dcomp = torch.zeros(comp_c.shape, dtype=torch.float32, device=q.device) if mode else dkv
     dsink = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
-    _bwd_kernel[(L, b)](q, kv, comp_c, sel_c, o, do, lse, sink.float().contiguous(), dq, dkv, dcomp, dsink,
+    delta = torch.empty(b, L, h, dtype=torch.float32, device=q.device)          # D_h per token, for both kernels
+    HP, ieee = max(16, triton.next_power_of_2(h)), q.dtype == torch.float32
+    _bwd_kernel[(L, b)](q, kv, comp_c, sel_c, o, do, lse, sink.float().contiguous(), dq, dkv, dcomp, dsink, delta,
                         L, window, ratio, sel_c.shape[-1], d ** -0.5,
                         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
                         comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
-                        H=h, HP=max(16, triton.next_power_of_2(h)), D=d, BN=16, MODE=mode,
-                        IEEE=q.dtype == torch.float32, num_warps=8)
+                        H=h, HP=HP, D=d, BN=16, MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee, num_warps=8)
+    if by_keys:
+        BK = Config.key_block
+        _dkv_window_kernel[(triton.cdiv(L, BK), b)](q, kv, do, lse, delta, dkv, L, window, d ** -0.5,
+                                                    q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+                                                    lse.stride(0), lse.stride(1), H=h, HP=HP, D=d, BK=BK,
+                                                    TB=Config.token_block, IEEE=ieee, num_warps=8)
     return dq, dkv, (dcomp if mode else None), dsink.sum((0, 1))
