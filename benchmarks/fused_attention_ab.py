@@ -4,8 +4,9 @@
     python benchmarks/fused_attention_ab.py --out DIR [--sections check,train,prefill,long] [--budget-s 540]
 
   check    fp32 on the bench config, 2048 tokens: loss and gradients fused vs reference
-  train    forward+backward tok/s at b1x4096 and b2x4096 (LM loss): reference, fused with FlexAttention's
-           backward, fused with the Triton backward (sparse_attention_bwd.py)
+  train    forward+backward tok/s at b1x4096 and b2x4096 (LM loss): reference, fused with the Triton backward
+           (sparse_attention_bwd.py), its window dKV by atomic adds and per key block
+  bwd      the Triton backward alone per layer kind (window / CSA / HCA) at b2x4096: ms, both window-dKV forms
   prefill  one-pass prefill tok/s at 4K…32K, reference vs fused
   decode   greedy decode through the reference path (no CUDA graph) after 2048 tokens: indexer reference vs Triton
   long     chunked prefill through the KV cache (64K, 256K): indexer reference vs Triton
@@ -30,7 +31,7 @@ sys.path.insert(0, str(HERE))
 from bench_gpu import build, timed  # noqa: E402
 from dsv4.config import load_config  # noqa: E402
 from dsv4.inference.generate import prefill  # noqa: E402
-from dsv4.model import Transformer, init_weights, sparse_attention  # noqa: E402
+from dsv4.model import Transformer, init_weights, sparse_attention, sparse_attention_bwd  # noqa: E402
 from dsv4.model.attention import Attention, Indexer  # noqa: E402
 
 RESULTS: list[dict] = []
@@ -75,20 +76,47 @@ def train(cfg, model, deadline) -> None:
             loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             loss.backward()
             model.zero_grad(set_to_none=True)
-        for fused, triton_bwd in ((False, False), (True, False), (True, True)):
+        for fused, triton_bwd, window_dkv in ((False, False, "keys"), (True, True, "atomic"), (True, True, "keys")):
             if time.time() > deadline:
                 return
             set_fused(fused, fused)
             sparse_attention.Backward.triton = triton_bwd
+            sparse_attention_bwd.Config.window_dkv = window_dkv
             t0 = time.perf_counter()
             step()
             step()
             warm = time.perf_counter() - t0
             torch.cuda.reset_peak_memory_stats()
             t = timed(step, 3)
-            log(what="train", fused=fused, backward="triton" if triton_bwd else "flex" if fused else "reference", batch=b, seq=s, s=t, tok_s=b * s / t, warmup_s=warm,
+            log(what="train", fused=fused, backward=f"triton ({window_dkv})" if triton_bwd else "reference", batch=b, seq=s, s=t, tok_s=b * s / t, warmup_s=warm,
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
         torch.cuda.empty_cache()
+
+
+def backward_kernels(cfg) -> None:
+    """The Triton backward alone at b2×4096 (bench heads / head_dim, bf16): per layer kind, ms per call with the
+    window's dKV by atomics vs per key block, and how far apart their gradients are."""
+    b, L, h, d, W = 2, 4096, cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
+    q, kv, do = rnd(b, L, h, d), rnd(b, L, d), rnd(b, L, h, d)
+    o, lse, sink = rnd(b, L, h, d), torch.full((b, L, h), 8.0, device="cuda"), torch.zeros(h, device="cuda")
+    t = torch.arange(L, device="cuda")
+    k = cfg.index_topk
+    pick = torch.rand(b, L, L // 4, device="cuda", generator=g).argsort(-1)[..., :k]          # random entries …
+    sel = torch.where(pick < ((t + 1) // 4)[None, :, None], pick, -1)                          # … visible ones only
+    kinds = {"window": (None, None, 0), "CSA": (rnd(b, L // 4, d), sel, 4), "HCA": (rnd(b, L // 128, d), None, 128)}
+    for kind, (comp, s_, ratio) in kinds.items():
+        outs = {}
+        for mode in ("atomic", "keys"):
+            sparse_attention_bwd.Config.window_dkv = mode
+            fn = lambda: sparse_attention_bwd.backward(q, kv, comp, s_, o, do, lse, sink, W, ratio)  # noqa: E731
+            outs[mode] = fn()
+            log(what="bwd_kernel", layer=kind, window_dkv=mode, ms=timed(fn, 5) * 1e3)
+        diff = {name: float((x - y).float().norm() / (y.float().norm() + 1e-30))
+                for name, x, y in zip(("dq", "dkv", "dcomp", "dsink"), outs["keys"], outs["atomic"]) if x is not None}
+        log(what="bwd_kernel_diff", layer=kind, rel=diff)
+    sparse_attention_bwd.Config.window_dkv = "keys"
 
 
 @torch.no_grad()
@@ -148,7 +176,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
-    ap.add_argument("--sections", default="check,train,prefill,decode,long")
+    ap.add_argument("--sections", default="check,bwd,train,prefill,decode,long")
     ap.add_argument("--budget-s", type=float, default=540)
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
@@ -161,6 +189,8 @@ def main() -> int:
         check(cfg)
     model = build(cfg)
     Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
+    if "bwd" in sections:
+        backward_kernels(cfg)
     if "train" in sections:
         train(cfg, model, deadline)
     if "prefill" in sections:
