@@ -126,8 +126,9 @@ def _common(p) -> None:
     p.add_argument("--numerics", default=None, choices=["plain", "official"],
                    help="default: official for FP8/FP4 checkpoints, plain otherwise")
     p.add_argument("--compile", action="store_true",
-                   help="CUDA: torch.compile the decode step before capturing it as a CUDA graph (about 2x "
-                        "faster per token at batch 1, after a one-off compile of a minute or two)")
+                   help="CUDA: torch.compile the decode step before capturing it as a CUDA graph (about 2.5x "
+                        "faster per token at batch 1 on the benchmark model, after a one-off compile of about a "
+                        "minute)")
 
 
 def register(sub) -> None:

@@ -1,16 +1,19 @@
 """Backward of the sparse MQA (Triton): what FlexAttention's generic backward cannot exploit in V4.
 
 FlexAttention's backward for head_dim 512 runs 16×16 tiles with separate dK and dV accumulators and computes
-whole 128-entry blocks (docs/performance.md: 19 ms per layer at b2×4096, ten times its forward). Here one program
-takes one token and all its heads (the heads share every key: MQA) and walks exactly the keys that token sees:
-its window band of raw KV, then its CSA picks (gathered one by one) or its visible HCA entries. With p the
+whole 128-entry blocks (docs/performance.md: 19 ms per layer at b2×4096, ten times its forward). Here, with p the
 softmax weights (sink included in the denominator, LSE saved by the forward) and V = K:
 
     D_h  = dO_h · o_h                       dS_hi = p_hi · (dO_h · k_i − D_h)
     dq_h = scale · Σ_i dS_hi k_i            dk_i += scale · Σ_h dS_hi q_h + Σ_h p_hi dO_h   (one dKV: K is V)
     dsink_h = −Σ_t p_sink,th · D_th
 
-dk goes to fp32 buffers with atomic adds (keys are shared between tokens). The forward stays FlexAttention's.
+Two kernels. `_bwd_kernel`: one program per token and all its heads (the heads share every key: MQA) walks
+exactly the keys that token sees — its window band, then its CSA picks (gathered one by one) or its visible HCA
+entries — for dq, dsink and D; the compressed entries' dk go to an fp32 buffer by atomic adds (a token's picks
+are its own). `_dkv_window_kernel`: one program per block of raw keys loops over the tokens whose window holds
+them (a band) and writes their dk once, without atomics (window_dkv='atomic' instead adds them from the first
+kernel, the first version: 2.8× slower on window layers). The forward stays FlexAttention's.
 """
 from __future__ import annotations
 
