@@ -7,6 +7,7 @@
   train    forward+backward tok/s at b1x4096 and b2x4096 (LM loss): reference, fused with the Triton backward
            (sparse_attention_bwd.py), its window dKV by atomic adds and per key block
   bwd      the Triton backward alone per layer kind (window / CSA / HCA) at b2x4096: ms, both window-dKV forms
+           (--bwd-heads 16 64: also at V4's head count)
   prefill  one-pass prefill tok/s at 4K…32K, reference vs fused
   decode   greedy decode through the reference path (no CUDA graph) after 2048 tokens: indexer reference vs Triton
   long     chunked prefill through the KV cache (64K, 256K): indexer reference vs Triton
@@ -93,10 +94,10 @@ def train(cfg, model, deadline) -> None:
         torch.cuda.empty_cache()
 
 
-def backward_kernels(cfg) -> None:
-    """The Triton backward alone at b2×4096 (bench heads / head_dim, bf16): per layer kind, ms per call with the
+def backward_kernels(cfg, h: int) -> None:
+    """The Triton backward alone at b2×4096 (bench head_dim, h heads, bf16): per layer kind, ms per call with the
     window's dKV by atomics vs per key block, and how far apart their gradients are."""
-    b, L, h, d, W = 2, 4096, cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+    b, L, d, W = 2, 4096, cfg.head_dim, cfg.sliding_window
     g = torch.Generator(device="cuda").manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
     q, kv, do = rnd(b, L, h, d), rnd(b, L, d), rnd(b, L, h, d)
@@ -112,10 +113,10 @@ def backward_kernels(cfg) -> None:
             sparse_attention_bwd.Config.window_dkv = mode
             fn = lambda: sparse_attention_bwd.backward(q, kv, comp, s_, o, do, lse, sink, W, ratio)  # noqa: E731
             outs[mode] = fn()
-            log(what="bwd_kernel", layer=kind, window_dkv=mode, ms=timed(fn, 5) * 1e3)
+            log(what="bwd_kernel", heads=h, layer=kind, window_dkv=mode, ms=timed(fn, 5) * 1e3)
         diff = {name: float((x - y).float().norm() / (y.float().norm() + 1e-30))
                 for name, x, y in zip(("dq", "dkv", "dcomp", "dsink"), outs["keys"], outs["atomic"]) if x is not None}
-        log(what="bwd_kernel_diff", layer=kind, rel=diff)
+        log(what="bwd_kernel_diff", heads=h, layer=kind, rel=diff)
     sparse_attention_bwd.Config.window_dkv = "keys"
 
 
@@ -178,6 +179,8 @@ def main() -> int:
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
     ap.add_argument("--sections", default="check,bwd,train,prefill,decode,long")
     ap.add_argument("--budget-s", type=float, default=540)
+    ap.add_argument("--bwd-heads", type=int, nargs="+", default=[16],
+                    help="head counts for the bwd section (the bench config has 16; V4 has 64 / 128)")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -190,7 +193,8 @@ def main() -> int:
     model = build(cfg)
     Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
     if "bwd" in sections:
-        backward_kernels(cfg)
+        for h in args.bwd_heads:
+            backward_kernels(cfg, h)
     if "train" in sections:
         train(cfg, model, deadline)
     if "prefill" in sections:

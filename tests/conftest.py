@@ -35,3 +35,33 @@ def one_thread():
 @pytest.fixture
 def tiny_model():
     return random_tiny()
+
+
+def triton_compiler() -> bool:
+    """Whether Triton's compiler (not its interpreter) is importable: kernels can then be compiled for a GPU
+    target on any machine, which catches what the interpreter lets through (e.g. an if whose branches give a
+    value two shapes) and shows their shared-memory needs."""
+    import os
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def compile_for_hopper(kernel, constexprs: dict, pointers: dict, floats: tuple = ()) -> int:
+    """Compile a @triton.jit kernel for sm90 (no GPU needed): constexprs by name, pointer arguments by name ->
+    their element type ('fp32', 'bf16', 'i32'), `floats` the fp32 scalars, every other argument i32. -> bytes of
+    shared memory per program."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = list(inspect.signature(kernel.fn).parameters)
+    sig = {n: "constexpr" if n in constexprs else f"*{pointers[n]}" if n in pointers else
+           "fp32" if n in floats else "i32" for n in names}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert ".entry" in compiled.asm["ptx"]
+    return compiled.metadata.shared

@@ -1,10 +1,10 @@
 """The Triton Sinkhorn kernel (mHC's comb maps) equals `mhc.sinkhorn`, forward and backward. Runs where Triton
 runs: on a CUDA machine, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1); skipped elsewhere (CI's
 CPU build of torch has no Triton)."""
-import os
-
 import pytest
 import torch
+
+from conftest import compile_for_hopper, triton_compiler
 
 from dsv4.model import mhc, sinkhorn_kernel
 
@@ -57,16 +57,10 @@ def test_kernel_inside_torch_compile():
     assert (x.grad - xr.grad).norm() / xr.grad.norm() < 1e-5
 
 
-@pytest.mark.skipif(sinkhorn_kernel.triton is None or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="needs Triton's compiler (not its interpreter)")
+@pytest.mark.skipif(not triton_compiler(), reason="needs Triton's compiler (not its interpreter)")
 def test_kernels_compile_for_hopper():
     """Both kernels compile for sm90 (no GPU needed). Triton's interpreter runs code the compiler rejects
     (e.g. a value of different shapes in the two branches of an if), so the tests above alone cannot tell."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     consts = {"ITERS": 20, "EPS": 1e-6, "N": 4, "NP": 4, "B": 64}
-    for fn, ptrs in ((sinkhorn_kernel._sinkhorn_fwd, ["X", "Y"]), (sinkhorn_kernel._sinkhorn_bwd, ["X", "DY", "DX"])):
-        sig = {**{p: "*fp32" for p in ptrs}, "M": "i32", **{k: "constexpr" for k in consts}}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in consts.items()})
-        assert ".entry" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    compile_for_hopper(sinkhorn_kernel._sinkhorn_fwd, consts, {"X": "fp32", "Y": "fp32"})
+    compile_for_hopper(sinkhorn_kernel._sinkhorn_bwd, consts, {"X": "fp32", "DY": "fp32", "DX": "fp32"})

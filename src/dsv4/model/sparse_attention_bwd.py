@@ -8,8 +8,8 @@ softmax weights (sink included in the denominator, LSE saved by the forward) and
     dq_h = scale · Σ_i dS_hi k_i            dk_i += scale · Σ_h dS_hi q_h + Σ_h p_hi dO_h   (one dKV: K is V)
     dsink_h = −Σ_t p_sink,th · D_th
 
-Two kernels. `_bwd_kernel`: one program per token and all its heads (the heads share every key: MQA) walks
-exactly the keys that token sees — its window band, then its CSA picks (gathered one by one) or its visible HCA
+Two kernels. `_bwd_kernel`: one program per token and group of 16 heads (the heads share every key: MQA; 16
+rows × head_dim 512 tiles fit in shared memory at any head count) walks exactly the keys that token sees — its window band, then its CSA picks (gathered one by one) or its visible HCA
 entries — for dq, dsink and D; the compressed entries' dk go to an fp32 buffer by atomic adds (a token's picks
 are its own). `_dkv_window_kernel`: one program per block of raw keys loops over the tokens whose window holds
 them (a band) and writes their dk once, without atomics (window_dkv='atomic' instead adds them from the first
@@ -35,29 +35,29 @@ if triton is not None:
     def _bwd_kernel(Q, KV, COMP, SEL, O, DO, LSE, SINK, DQ, DKV, DCOMP, DSINK, DELTA,
                     L, window, ratio, n_sel, scale,
                     sq_b, sq_t, sq_h, skv_b, skv_t, sc_b, sc_n, ss_b, ss_t, sl_b, sl_t,
-                    H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
+                    H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
                     WINDOW_DKV: tl.constexpr, IEEE: tl.constexpr):
-        """One token, all heads: dq over its window band then its compressed entries; dcomp by atomic adds;
-        the window's dkv by atomic adds only if WINDOW_DKV (otherwise _dkv_window_kernel computes it)."""
+        """One token, one group of HG heads: dq over its window band then its compressed entries; dcomp by
+        atomic adds; the window's dkv by atomic adds only if WINDOW_DKV (otherwise _dkv_window_kernel)."""
         t, b = tl.program_id(0), tl.program_id(1)
-        heads = tl.arange(0, HP)
+        heads = tl.program_id(2) * HG + tl.arange(0, HG)
         hm = heads < H
         dims = tl.arange(0, D)
         qoff = b * sq_b + t * sq_t + heads[:, None] * sq_h + dims[None, :]
-        q = tl.load(Q + qoff, mask=hm[:, None], other=0.)                                # [HP, D]
+        q = tl.load(Q + qoff, mask=hm[:, None], other=0.)                                # [HG, D]
         do = tl.load(DO + qoff, mask=hm[:, None], other=0.)
-        lse = tl.load(LSE + b * sl_b + t * sl_t + heads, mask=hm, other=float("inf"))     # [HP] (sink included)
+        lse = tl.load(LSE + b * sl_b + t * sl_t + heads, mask=hm, other=float("inf"))     # [HG] (sink included)
         o = tl.load(O + qoff, mask=hm[:, None], other=0.)
         dacc = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)                           # D_h = dO_h · o_h
         tl.store(DELTA + (b * L + t) * H + heads, dacc, mask=hm)
-        dq = tl.zeros([HP, D], dtype=tl.float32)
+        dq = tl.zeros([HG, D], dtype=tl.float32)
         w0 = tl.maximum(t - window + 1, 0)
         for start in range(0, t - w0 + 1, BN):                        # window band: keys w0 … t
             pos = w0 + start + tl.arange(0, BN)
             ok = pos <= t
             k = tl.load(KV + b * skv_b + pos[:, None] * skv_t + dims[None, :], mask=ok[:, None], other=0.)
             p = tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None])
-            p = tl.where(ok[None, :] & hm[:, None], p, 0.)                             # [HP, BN]
+            p = tl.where(ok[None, :] & hm[:, None], p, 0.)                             # [HG, BN]
             ds = p * (_dot(do, tl.trans(k), IEEE) - dacc[:, None])
             dq += _dot(ds.to(k.dtype), k, IEEE)
             if WINDOW_DKV:
@@ -92,32 +92,34 @@ if triton is not None:
     @triton.jit
     def _dkv_window_kernel(Q, KV, DO, LSE, DELTA, DKV, L, window, scale,
                            sq_b, sq_t, sq_h, skv_b, skv_t, sl_b, sl_t,
-                           H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
+                           H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
                            TB: tl.constexpr, IEEE: tl.constexpr):
         """BK raw keys against every (token, head) row whose window band holds one of them (tokens k0 …
-        k0+BK+W−2, TB tokens × HP heads per step): their dkv accumulates in registers, written once (no atomics)."""
+        k0+BK+W−2; per step TB tokens × HG heads, head groups looped): their dkv accumulates in registers and is
+        written once (no atomics)."""
         kb, b = tl.program_id(0), tl.program_id(1)
         k0 = kb * BK
         keys = k0 + tl.arange(0, BK)
         kin = keys < L
         dims = tl.arange(0, D)
         k = tl.load(KV + b * skv_b + keys[:, None] * skv_t + dims[None, :], mask=kin[:, None], other=0.)  # [BK, D]
-        r = tl.arange(0, TB * HP)
-        head = r % HP
+        r = tl.arange(0, TB * HG)
         acc = tl.zeros([BK, D], dtype=tl.float32)
         t_end = tl.minimum(k0 + BK - 1 + window - 1, L - 1)
-        for t0 in range(k0, t_end + 1, TB):
-            tok = t0 + r // HP
+        for step in range(0, tl.cdiv(t_end + 1 - k0, TB) * tl.cdiv(H, HG)):
+            t0 = k0 + (step // tl.cdiv(H, HG)) * TB
+            head = (step % tl.cdiv(H, HG)) * HG + r % HG
+            tok = t0 + r // HG
             row_ok = (tok <= t_end) & (head < H)
             qoff = b * sq_b + tok[:, None] * sq_t + head[:, None] * sq_h + dims[None, :]
-            q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.)                          # [TB·HP, D]
+            q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.)                          # [TB·HG, D]
             do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.)
             lse = tl.load(LSE + b * sl_b + tok * sl_t + head, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + (b * L + tok) * H + head, mask=row_ok, other=0.)
             seen = row_ok[:, None] & kin[None, :] & (keys[None, :] <= tok[:, None]) \
                 & (keys[None, :] > tok[:, None] - window)
             p = tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None])
-            p = tl.where(seen, p, 0.)                                                    # [TB·HP, BK]
+            p = tl.where(seen, p, 0.)                                                    # [TB·HG, BK]
             ds = p * (_dot(do, tl.trans(k), IEEE) - delta[:, None])
             acc += _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale + _dot(tl.trans(p.to(do.dtype)), do, IEEE)
         tl.store(DKV + b * skv_b + keys[:, None] * skv_t + dims[None, :], acc, mask=kin[:, None])
@@ -128,7 +130,9 @@ class Config:
     by atomic adds from the per-token kernel (the first version; kept for A/B runs)."""
     window_dkv = "keys"
     key_block = 32            # keys per _dkv_window_kernel program
-    token_block = 2           # tokens per step of its loop (× padded heads = rows of its dots)
+    token_block = 2           # tokens per step of its loop (× head_group = rows of its dots)
+    head_group = 16           # heads per program / step: tiles of 16 × head_dim fit in shared memory at any
+                              # head count (V4: 64 / 128 heads; all heads at once would need ~290 KB at 64)
 
 
 def available(q: torch.Tensor) -> bool:
@@ -152,16 +156,16 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     dcomp = torch.zeros(comp_c.shape, dtype=torch.float32, device=q.device) if mode else dkv
     dsink = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
     delta = torch.empty(b, L, h, dtype=torch.float32, device=q.device)          # D_h per token, for both kernels
-    HP, ieee = max(16, triton.next_power_of_2(h)), q.dtype == torch.float32
-    _bwd_kernel[(L, b)](q, kv, comp_c, sel_c, o, do, lse, sink.float().contiguous(), dq, dkv, dcomp, dsink, delta,
+    HG, ieee = Config.head_group, q.dtype == torch.float32
+    _bwd_kernel[(L, b, triton.cdiv(h, HG))](q, kv, comp_c, sel_c, o, do, lse, sink.float().contiguous(), dq, dkv, dcomp, dsink, delta,
                         L, window, ratio, sel_c.shape[-1], d ** -0.5,
                         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
                         comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
-                        H=h, HP=HP, D=d, BN=16, MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee, num_warps=8)
+                        H=h, HG=HG, D=d, BN=16, MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee, num_warps=8)
     if by_keys:
         BK = Config.key_block
         _dkv_window_kernel[(triton.cdiv(L, BK), b)](q, kv, do, lse, delta, dkv, L, window, d ** -0.5,
                                                     q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
-                                                    lse.stride(0), lse.stride(1), H=h, HP=HP, D=d, BK=BK,
+                                                    lse.stride(0), lse.stride(1), H=h, HG=HG, D=d, BK=BK,
                                                     TB=Config.token_block, IEEE=ieee, num_warps=8)
     return dq, dkv, (dcomp if mode else None), dsink.sum((0, 1))
