@@ -101,6 +101,32 @@ def test_mtp_loss_reaches_the_mtp_block():
     assert model.mtp[0].e_proj.weight.grad is None         # weight 0: the MTP block is not trained
 
 
+@pytest.mark.parametrize("chunk", [7, 4096])            # ragged chunks, and one chunk for everything
+def test_chunked_loss_equals_loss_of_full_logits(monkeypatch, chunk):
+    """The training losses (head + cross-entropy in checkpointed chunks) equal cross-entropy over the full
+    logits, LM and MTP, values and every gradient (fp32)."""
+    import torch.nn.functional as F
+    from dsv4.model import Transformer
+    monkeypatch.setattr(Transformer, "loss_chunk", chunk)
+    model = random_tiny(3).train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
+    x, y = ids[:, :-1], ids[:, 1:]
+    parts = compute_loss(model, x, y, mtp_weight=0.3, balance_weight=0.0)
+    parts.total.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    logits, h = model(x, return_hidden=True)
+    lm = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    mtp = F.cross_entropy(model.mtp_forward(h[:, :-1], y[:, :-1]).flatten(0, 1), y[:, 1:].flatten())
+    (lm + 0.3 * mtp).backward()
+    assert abs(float(parts.lm.detach() - lm.detach())) < 1e-6 * float(lm.detach())
+    assert abs(float(parts.mtp.detach() - mtp.detach())) < 1e-6 * float(mtp.detach())
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and "head.weight" in got and "mtp.0.e_proj.weight" in got
+    for n, g in want.items():
+        assert float((got[n] - g).norm()) <= 1e-5 * float(g.norm()) + 1e-9, n
+
+
 # ---------------------------------------------------------------------------------------- balancing
 def test_gate_bias_moves_toward_under_loaded_experts():
     model = random_tiny().train()

@@ -7,7 +7,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..model import MoE, Transformer
 
@@ -25,13 +24,11 @@ def compute_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor
                  balance_weight: float = 1e-4) -> LossParts:
     """inputs/targets [b, s] (targets = inputs shifted by one). The MTP block at position t sees the main
     streams h_t and the embedding of token t+1 (= targets[t]) and predicts token t+2 (= targets[t+1])."""
-    logits, h = model(inputs, return_hidden=True)
-    lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    lm, h = model(inputs, return_hidden=True, targets=targets)      # head + cross-entropy in chunks
     total = lm
     mtp = None
     if mtp_weight > 0 and len(model.mtp) and inputs.shape[1] > 1:
-        mlog = model.mtp_forward(h[:, :-1], targets[:, :-1])
-        mtp = F.cross_entropy(mlog.flatten(0, 1), targets[:, 1:].flatten())
+        mtp = model.mtp_forward(h[:, :-1], targets[:, :-1], targets=targets[:, 1:])
         total = total + mtp_weight * mtp
     balance = None
     aux = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
