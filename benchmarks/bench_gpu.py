@@ -5,7 +5,8 @@
 
 Measures (each printed as one JSON line as it finishes, all collected in DIR/dsv4_gpu.json):
   train     forward+backward tok/s and peak memory at b1x4096 and b2x4096, LM loss only (what the
-            transformers baseline measures) and with the MTP loss of the V4 recipe; MFU against the bf16
+            transformers baseline measures) and with the MTP loss of the V4 recipe, the latter also with the
+            chunked head + cross-entropy `dsv4 train` runs (no full logits); MFU against the bf16
             matmul peak measured in the same run
   compile   the same training step with every block under torch.compile
   prefill   tok/s and peak memory from 4K to --max-context tokens: one pass up to 32K, chunked prefill
@@ -91,18 +92,26 @@ def train_flops_per_token(cfg, seq: int) -> float:
     return dense + attn
 
 
-def bench_train(cfg, model, peak, label: str, mtp: bool) -> None:
+def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = False) -> None:
+    """fwd+bwd tok/s per TRAIN_SHAPES. Loss: cross-entropy over the full logits (as the transformers baseline), or
+    with chunked_loss the head + cross-entropy in checkpointed chunks that `dsv4 train` runs (forward(targets=))."""
     model.train()
     V = cfg.vocab_size
     for b, s in TRAIN_SHAPES:
-        ids = torch.randint(0, V, (b, s), device="cuda")
+        ids = torch.randint(0, V, (b, s + 1), device="cuda")
+        x, y = ids[:, :-1], ids[:, 1:]                             # s tokens in, s targets
 
         def step():
-            logits, h = model(ids, return_hidden=True)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-            if mtp:
-                ml = model.mtp_forward(h[:, :-2], ids[:, 1:-1])
-                loss = loss + 0.3 * F.cross_entropy(ml.flatten(0, 1), ids[:, 2:].flatten())
+            if chunked_loss:
+                loss, h = model(x, return_hidden=True, targets=y)
+                if mtp:
+                    loss = loss + 0.3 * model.mtp_forward(h[:, :-1], y[:, :-1], targets=y[:, 1:])
+            else:
+                logits, h = model(x, return_hidden=True)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                if mtp:
+                    ml = model.mtp_forward(h[:, :-1], y[:, :-1])
+                    loss = loss + 0.3 * F.cross_entropy(ml.flatten(0, 1), y[:, 1:].flatten())
             loss.backward()
             model.zero_grad(set_to_none=True)
         try:
@@ -235,6 +244,7 @@ def main() -> int:
         if "train" in sections and time.time() < deadline:
             bench_train(cfg, model, peak, "eager", mtp=False)
             bench_train(cfg, model, peak, "eager", mtp=True)
+            bench_train(cfg, model, peak, "eager, chunked loss", mtp=True, chunked_loss=True)
         if "decode" in sections and time.time() < deadline:
             bench_decode(cfg, model)
         if "prefill" in sections and time.time() < deadline:

@@ -73,10 +73,13 @@ def profile_train(model, out: Path, b: int, s: int, compiled: bool = False) -> N
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t)
     wall = sorted(walls)[1]
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True) as prof:
         step()
         torch.cuda.synchronize()
     txt = head + f"train b{b}x{s}: {wall * 1e3:.1f} ms wall (median of 3), {b * s / wall:,.0f} tok/s\n" + table(prof)
+    # which source lines the time comes from (the op table alone cannot say whose copies and multiplies they are)
+    txt += "\n\nby op and source line (5 frames):\n" + prof.key_averages(group_by_stack_n=5).table(
+        sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60, max_src_column_width=110)
     (out / f"{name}.txt").write_text(txt)
     prof.export_chrome_trace(str(out / "train_trace.json"))
     with open(out / "train_trace.json", "rb") as f, gzip.open(out / f"{name}_trace.json.gz", "wb") as g:
