@@ -74,6 +74,18 @@ def test_generate_static_equals_reference_and_reuses_the_decoder():
     assert single == generate(m, prompts[0], max_new_tokens=30, cuda_graph=False)
 
 
+def test_stop_ids_on_the_queued_static_path():
+    """The static path queues step t+1 before reading token t back, so a stop computes one step too many: the
+    tokens must still end at the stop, and the reused decoder must give the full reference sequence after it."""
+    m = random_tiny(seed=37)
+    prompt = [9, 8, 7, 6]
+    ref = generate(m, prompt, max_new_tokens=30, cuda_graph=False)
+    stop = ref[12]
+    got = generate(m, prompt, max_new_tokens=30, stop_ids=[stop], cuda_graph=True)
+    assert got == ref[:ref.index(stop) + 1] and len(got) < 30
+    assert generate(m, prompt, max_new_tokens=30, cuda_graph=True) == ref
+
+
 def test_decoder_is_rebuilt_when_weights_change():
     m = random_tiny(seed=35)
     prompt = [3, 4, 5, 6, 7]
