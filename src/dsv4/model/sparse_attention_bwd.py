@@ -157,11 +157,12 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     dsink = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
     delta = torch.empty(b, L, h, dtype=torch.float32, device=q.device)          # D_h per token, for both kernels
     HG, ieee = Config.head_group, q.dtype == torch.float32
-    _bwd_kernel[(L, b, triton.cdiv(h, HG))](q, kv, comp_c, sel_c, o, do, lse, sink.float().contiguous(), dq, dkv, dcomp, dsink, delta,
-                        L, window, ratio, sel_c.shape[-1], d ** -0.5,
-                        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
-                        comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
-                        H=h, HG=HG, D=d, BN=16, MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee, num_warps=8)
+    _bwd_kernel[(L, b, triton.cdiv(h, HG))](
+        q, kv, comp_c, sel_c, o, do, lse, sink.float().contiguous(), dq, dkv, dcomp, dsink, delta,
+        L, window, ratio, sel_c.shape[-1], d ** -0.5,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+        comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
+        H=h, HG=HG, D=d, BN=16, MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee, num_warps=8)
     if by_keys:
         BK = Config.key_block
         _dkv_window_kernel[(triton.cdiv(L, BK), b)](q, kv, do, lse, delta, dkv, L, window, d ** -0.5,
