@@ -120,43 +120,39 @@ def backward_kernels(cfg, h: int) -> None:
     sparse_attention_bwd.Config.window_dkv = "keys"
 
 
-@torch.no_grad()
-def prefill_one_pass(cfg, model, deadline) -> None:
+def _prefill_ab(cfg, model, deadline, seqs, mode: str, flag: str, set_paths, run, warm_up, reps: int) -> None:
+    """Per length, the reference then the fused path (`set_paths(fused)` switches them): `run(ids)` timed
+    `reps` times (after one untimed run where `warm_up(seq)`), peak memory, one record per path."""
     model.eval()
-    for seq in (4096, 8192, 16384, 32768):
+    for seq in seqs:
         ids = torch.randint(0, cfg.vocab_size, (1, seq), device="cuda")
         for fused in (False, True):
             if time.time() > deadline:
                 return
-            set_fused(fused, fused)
+            set_paths(fused)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            fn = lambda: model(ids, last_only=True)  # noqa: E731
-            fn()
-            t = timed(fn, 2)
-            log(what="prefill", mode="one pass", fused=fused, seq=seq, s=t, tok_s=seq / t,
+            fn = lambda: run(ids)  # noqa: E731
+            if warm_up(seq):
+                fn()
+            t = timed(fn, reps)
+            log(what="prefill", mode=mode, **{flag: fused}, seq=seq, s=t, tok_s=seq / t,
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+
+
+@torch.no_grad()
+def prefill_one_pass(cfg, model, deadline) -> None:
+    _prefill_ab(cfg, model, deadline, (4096, 8192, 16384, 32768), "one pass", "fused",
+                lambda fused: set_fused(fused, fused), lambda ids: model(ids, last_only=True),
+                warm_up=lambda seq: True, reps=2)
 
 
 @torch.no_grad()
 def prefill_long(cfg, model, deadline) -> None:
-    model.eval()
-    for seq in (65536, 262144):
-        ids = torch.randint(0, cfg.vocab_size, (1, seq), device="cuda")
-        for fused in (False, True):
-            if time.time() > deadline:
-                return
-            set_fused(False, fused)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-
-            def fn():
-                prefill(model, ids, model.new_caches(1, seq, mtp=False), chunk=8192)
-            if seq <= 65536:
-                fn()
-            t = timed(fn, 1)
-            log(what="prefill", mode="chunked 8192 via KV cache", indexer_fused=fused, seq=seq, s=t, tok_s=seq / t,
-                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    _prefill_ab(cfg, model, deadline, (65536, 262144), "chunked 8192 via KV cache", "indexer_fused",
+                lambda fused: set_fused(False, fused),
+                lambda ids: prefill(model, ids, model.new_caches(1, ids.shape[1], mtp=False), chunk=8192),
+                warm_up=lambda seq: seq <= 65536, reps=1)
 
 
 @torch.no_grad()
