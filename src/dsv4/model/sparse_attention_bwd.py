@@ -32,6 +32,18 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
+    def _probs_and_ds(q, do, k, lse, delta, seen, scale, IEEE: tl.constexpr):
+        """rows q/do [R, D] against keys k [N, D] (seen [R, N]): softmax weights p (0 where unseen) and
+        dS = p · (dO·k − D), both [R, N] fp32."""
+        p = tl.where(seen, tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None]), 0.)
+        return p, p * (_dot(do, tl.trans(k), IEEE) - delta[:, None])
+
+    @triton.jit
+    def _dk(q, do, p, ds, scale, IEEE: tl.constexpr):
+        """The keys' gradient from these rows, [N, D] fp32: scale · dSᵀ q + pᵀ dO (K is V)."""
+        return _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale + _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+
+    @triton.jit
     def _bwd_kernel(Q, KV, COMP, SEL, O, DO, LSE, SINK, DQ, DKV, DCOMP, DSINK, DELTA,
                     L, window, ratio, n_sel, scale,
                     sq_b, sq_t, sq_h, skv_b, skv_t, sc_b, sc_n, ss_b, ss_t, sl_b, sl_t,
@@ -56,13 +68,11 @@ if triton is not None:
             pos = w0 + start + tl.arange(0, BN)
             ok = pos <= t
             k = tl.load(KV + b * skv_b + pos[:, None] * skv_t + dims[None, :], mask=ok[:, None], other=0.)
-            p = tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None])
-            p = tl.where(ok[None, :] & hm[:, None], p, 0.)                             # [HG, BN]
-            ds = p * (_dot(do, tl.trans(k), IEEE) - dacc[:, None])
+            p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & hm[:, None], scale, IEEE)   # [HG, BN]
             dq += _dot(ds.to(k.dtype), k, IEEE)
             if WINDOW_DKV:
-                dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale + _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-                tl.atomic_add(DKV + b * skv_b + pos[:, None] * skv_t + dims[None, :], dk, mask=ok[:, None])
+                tl.atomic_add(DKV + b * skv_b + pos[:, None] * skv_t + dims[None, :], _dk(q, do, p, ds, scale, IEEE),
+                              mask=ok[:, None])
         if MODE != 0:                                                 # compressed entries: HCA visible / CSA picks
             if MODE == 1:
                 n_c = (t + 1) // ratio
@@ -78,12 +88,10 @@ if triton is not None:
                     ok = j < n_c
                     jc = tl.where(ok, j, 0)
                 k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
-                p = tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None])
-                p = tl.where(ok[None, :] & hm[:, None], p, 0.)
-                ds = p * (_dot(do, tl.trans(k), IEEE) - dacc[:, None])
+                p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & hm[:, None], scale, IEEE)
                 dq += _dot(ds.to(k.dtype), k, IEEE)
-                dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale + _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-                tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], dk, mask=ok[:, None])
+                tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], _dk(q, do, p, ds, scale, IEEE),
+                              mask=ok[:, None])
         tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=hm[:, None])
         sink = tl.load(SINK + heads, mask=hm, other=0.)
         p_sink = tl.exp(sink - lse)
@@ -118,10 +126,8 @@ if triton is not None:
             delta = tl.load(DELTA + (b * L + tok) * H + head, mask=row_ok, other=0.)
             seen = row_ok[:, None] & kin[None, :] & (keys[None, :] <= tok[:, None]) \
                 & (keys[None, :] > tok[:, None] - window)
-            p = tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None])
-            p = tl.where(seen, p, 0.)                                                    # [TB·HG, BK]
-            ds = p * (_dot(do, tl.trans(k), IEEE) - delta[:, None])
-            acc += _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale + _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+            p, ds = _probs_and_ds(q, do, k, lse, delta, seen, scale, IEEE)                # [TB·HG, BK]
+            acc += _dk(q, do, p, ds, scale, IEEE)
         tl.store(DKV + b * skv_b + keys[:, None] * skv_t + dims[None, :], acc, mask=kin[:, None])
 
 
