@@ -218,7 +218,8 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
             nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
             tokens[:, cur] = nxt
             readback.start(nxt)
-            if dec is not None and cur + 1 < total:   # queue the next step before waiting for this token: the GPU never idles on the host
+            if dec is not None and cur + 1 < total:
+                # queue the next step before waiting for this token: the GPU does not idle on the host
                 logits = dec.step(tokens[:, cur:cur + 1], cur)
             vals = readback.wait()                               # the step's one read-back
             out: list[int | None] = []

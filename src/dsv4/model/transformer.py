@@ -117,8 +117,11 @@ class Transformer(nn.Module):
             return F.linear(x.float(), self.head.weight.float())
         return F.linear(x, self.head.weight.to(x.dtype)).float()
 
-    def _logits(self, h: torch.Tensor, owner: nn.Module, norm: RMSNorm) -> torch.Tensor:
-        return self._project(self._head_input(h, owner, norm))
+    def _logits(self, h: torch.Tensor, owner: nn.Module, norm: RMSNorm,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Streams -> fp32 logits, or with targets [b, s] their mean cross-entropy (chunked, no full logits)."""
+        x = self._head_input(h, owner, norm)
+        return self._project(x) if targets is None else self._cross_entropy(x, targets)
 
     loss_chunk = 2048          # tokens per chunk of the fused head + cross-entropy (targets= in forward / mtp_forward)
 
@@ -152,10 +155,7 @@ class Transformer(nn.Module):
         in chunks without the full logits)."""
         self._check_ids(input_ids)
         h = self.hidden(input_ids, start_pos, caches)
-        if targets is not None:
-            out = self._cross_entropy(self._head_input(h, self, self.norm), targets)
-        else:
-            out = self._logits(h[:, -1:] if last_only else h, self, self.norm)
+        out = self._logits(h[:, -1:] if last_only and targets is None else h, self, self.norm, targets)
         return (out, h) if return_hidden else out
 
     def decode_step(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[AttnCache]) -> torch.Tensor:
@@ -175,9 +175,7 @@ class Transformer(nn.Module):
         e = mtp.e_proj(mtp.enorm(self.embed(next_ids)))                              # [b, s, D]
         x = e.unsqueeze(2) + mtp.h_proj(mtp.hnorm(h))                                # [b, s, n, D]
         x = mtp(x, next_ids, start_pos, cache)
-        if targets is not None:
-            return self._cross_entropy(self._head_input(x, mtp, mtp.norm), targets)
-        return self._logits(x, mtp, mtp.norm)
+        return self._logits(x, mtp, mtp.norm, targets)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.dim() != 2:
