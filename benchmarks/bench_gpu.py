@@ -8,6 +8,8 @@ Measures (each printed as one JSON line as it finishes, all collected in DIR/dsv
             transformers baseline measures) and with the MTP loss of the V4 recipe, the latter also with the
             chunked head + cross-entropy `dsv4 train` runs (no full logits); MFU against the bf16
             matmul peak measured in the same run
+  graph     the training step captured in a CUDA graph (train.graphed): gradients against eager steps, then
+            tok/s as above (also after `compile` when both are asked for)
   compile   the same training step with every block under torch.compile
   prefill   tok/s and peak memory from 4K to --max-context tokens: one pass up to 32K, chunked prefill
             through the KV cache beyond (linear cost; activations bounded by the chunk)
@@ -25,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("TORCH_SHOW_CPP_STACKTRACES", "1")      # a failed CUDA-graph capture names its C++ call
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -92,41 +95,89 @@ def train_flops_per_token(cfg, seq: int) -> float:
     return dense + attn
 
 
-def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = False) -> None:
+def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = False, graph: bool = False) -> None:
     """fwd+bwd tok/s per TRAIN_SHAPES. Loss: cross-entropy over the full logits (as the transformers baseline), or
-    with chunked_loss the head + cross-entropy in checkpointed chunks that `dsv4 train` runs (forward(targets=))."""
+    with chunked_loss the head + cross-entropy in checkpointed chunks that `dsv4 train` runs (forward(targets=)).
+    graph: the step captured in a CUDA graph and replayed (train.graphed.GraphedStep, as `dsv4 train --cuda-graph`)."""
+    from dsv4.train.graphed import GraphedStep
     model.train()
     V = cfg.vocab_size
+
+    def loss_of(x, y):
+        if chunked_loss:
+            loss, h = model(x, return_hidden=True, targets=y)
+            if mtp:
+                loss = loss + 0.3 * model.mtp_forward(h[:, :-1], y[:, :-1], targets=y[:, 1:])
+        else:
+            logits, h = model(x, return_hidden=True)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            if mtp:
+                ml = model.mtp_forward(h[:, :-1], y[:, :-1])
+                loss = loss + 0.3 * F.cross_entropy(ml.flatten(0, 1), y[:, 1:].flatten())
+        return (loss,)
+
     for b, s in TRAIN_SHAPES:
         ids = torch.randint(0, V, (b, s + 1), device="cuda")
         x, y = ids[:, :-1], ids[:, 1:]                             # s tokens in, s targets
+        graphed = GraphedStep(model, loss_of, warmup=2) if graph else None
 
         def step():
-            if chunked_loss:
-                loss, h = model(x, return_hidden=True, targets=y)
-                if mtp:
-                    loss = loss + 0.3 * model.mtp_forward(h[:, :-1], y[:, :-1], targets=y[:, 1:])
+            if graphed is not None:
+                graphed(x, y)
             else:
-                logits, h = model(x, return_hidden=True)
-                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-                if mtp:
-                    ml = model.mtp_forward(h[:, :-1], y[:, :-1])
-                    loss = loss + 0.3 * F.cross_entropy(ml.flatten(0, 1), y[:, 1:].flatten())
-            loss.backward()
-            model.zero_grad(set_to_none=True)
+                loss_of(x, y)[0].backward()
+            model.zero_grad(set_to_none=graphed is None)
         try:
             step()
             step()                                                 # warm-up: compiled mHC pieces settle
             torch.cuda.reset_peak_memory_stats()
-            t = timed(step, 3)
+            t = timed(step, 3 if graphed is None else 5)           # (graphed: the first timed call captures)
             tok_s = b * s / t
             mfu = tok_s * train_flops_per_token(cfg, s) / peak
             log(what="train", impl=label, mtp=mtp, batch=b, seq=s, s=t, tok_s=tok_s, mfu=mfu,
                 peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
         except torch.OutOfMemoryError:
             log(what="train", impl=label, mtp=mtp, batch=b, seq=s, oom=True)
+        del graphed
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
+
+
+def graph_check(model, cfg, out: Path) -> bool:
+    """Loss and gradients of replayed CUDA-graph steps against eager steps on the same batch (b1 x 2048).
+    False (and the traceback in DIR/graph_error.txt) where the step cannot be captured."""
+    import traceback
+    from dsv4.train.graphed import GraphError, GraphedStep
+    model.train()
+    ids = torch.randint(0, cfg.vocab_size, (1, 2049), device="cuda")
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def loss_of(x, y):
+        loss, h = model(x, return_hidden=True, targets=y)
+        return (loss + 0.3 * model.mtp_forward(h[:, :-1], y[:, :-1], targets=y[:, 1:]),)
+    model.zero_grad(set_to_none=True)
+    loss_of(x, y)[0].backward()
+    names = [n for n, p in model.named_parameters() if p.grad is not None]
+    params = dict(model.named_parameters())
+    ref = torch.cat([params[n].grad.float().flatten() for n in names])
+    ref_loss = float(loss_of(x, y)[0].detach())
+    step = GraphedStep(model, loss_of, warmup=1)
+    rel = []
+    for _ in range(3):                                             # eager warm-up, capture + replay, replay
+        model.zero_grad(set_to_none=True)
+        try:
+            loss = float(step(x, y)[0])
+        except GraphError as e:
+            (out / "graph_error.txt").write_text(traceback.format_exc())
+            log(what="graph_check", error=str(e))
+            return False
+        g = torch.cat([params[n].grad.float().flatten() for n in names])
+        rel.append(float((g - ref).norm() / ref.norm()))
+    log(what="graph_check", loss_eager=ref_loss, loss_graph=loss, grad_rel_diff=rel, captures=step.captures)
+    del step
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return True
 
 
 def loss_and_grads(model, ids) -> tuple[float, torch.Tensor]:
@@ -211,7 +262,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
-    ap.add_argument("--sections", default="check,train,decode,prefill,compile")
+    ap.add_argument("--sections", default="check,train,graph,decode,prefill,compile")
     ap.add_argument("--max-context", type=int, default=1 << 20)
     ap.add_argument("--budget-s", type=float, default=540, help="stop starting new sections after this")
     args = ap.parse_args()
@@ -245,6 +296,10 @@ def main() -> int:
             bench_train(cfg, model, peak, "eager", mtp=False)
             bench_train(cfg, model, peak, "eager", mtp=True)
             bench_train(cfg, model, peak, "eager, chunked loss", mtp=True, chunked_loss=True)
+        graph_ok = "graph" in sections and time.time() < deadline and graph_check(model, cfg, out)
+        if graph_ok:
+            bench_train(cfg, model, peak, "CUDA graph", mtp=False, graph=True)
+            bench_train(cfg, model, peak, "CUDA graph, chunked loss", mtp=True, chunked_loss=True, graph=True)
         if "decode" in sections and time.time() < deadline:
             bench_decode(cfg, model)
         if "prefill" in sections and time.time() < deadline:
@@ -261,6 +316,10 @@ def main() -> int:
             log(what="compile_check", loss_eager=eager[0], loss_compiled=comp[0],
                 grad_rel_diff=float((comp[1] - eager[1]).norm() / eager[1].norm()), compile_s=time.time() - t)
             bench_train(cfg, model, peak, "compiled blocks", mtp=False)
+            if graph_ok and time.time() < deadline:
+                bench_train(cfg, model, peak, "compiled blocks, CUDA graph", mtp=False, graph=True)
+                bench_train(cfg, model, peak, "compiled blocks, CUDA graph, chunked loss", mtp=True,
+                            chunked_loss=True, graph=True)
             log(what="compile_time_s_incl_bench", s=time.time() - t)
     finally:
         (out / "dsv4_gpu.json").write_text(json.dumps(RESULTS, indent=1))

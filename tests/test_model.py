@@ -166,3 +166,19 @@ def test_mtp_logits_depend_on_next_token():
         b = m.mtp_forward(h[:, :-1], (ids[:, 1:] + 1) % m.cfg.vocab_size)
     assert a.shape == (1, 19, m.cfg.vocab_size)
     assert (a - b).abs().max() > 1e-4
+
+
+def test_rope_frequencies_stay_fp32_in_a_bf16_model():
+    """model.to(bf16) must not round the RoPE frequencies: at position 2^20 a bf16 frequency is off by up to
+    ~2^-9 relative, i.e. thousands of radians."""
+    from dsv4.model.layers import Rotary, rope_inv_freq
+    model = random_tiny().to(torch.bfloat16)
+    ropes = [m for m in model.modules() if isinstance(m, Rotary)]
+    assert ropes
+    for r in ropes:
+        assert r.inv_freq.dtype == torch.float32
+        assert torch.equal(r.inv_freq, rope_inv_freq(r.dim, r.base, r.yarn))
+    cos, _ = ropes[0].angles(torch.tensor([1 << 20]))
+    ang = torch.tensor([float(1 << 20)], dtype=torch.float64)[:, None] * rope_inv_freq(ropes[0].dim, ropes[0].base,
+                                                                                      ropes[0].yarn).double()
+    assert torch.allclose(cos.double(), ang.cos(), atol=0.05)

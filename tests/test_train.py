@@ -187,6 +187,23 @@ def test_anticipatory_routing_on_spike_and_back():
     assert gate.route_params is None and not ar.active
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_training_follows_eager_training(tmp_path, shards):
+    """`dsv4 train --cuda-graph`: after 2 eager warm-up steps per sequence length each step replays one captured
+    graph (one capture per length: 2 here, the schedule switches at step 4), with gradient accumulation, and the
+    losses follow eager training's (bf16 autocast, equal up to the atomics' summation order)."""
+    kw = dict(device="cuda", steps=8, seq=16, seq_schedule=[[0, 16], [4, 32]], grad_accum=2, anticipatory=False)
+    losses = {}
+    for graph in (False, True):
+        t = Trainer(_tc(tmp_path / str(graph), shards, cuda_graph=graph, **kw))
+        losses[graph] = [t.train_step()["loss"] for _ in range(8)]
+        if graph:
+            assert t.graphed is not None and t.graphed.captures == 2
+    assert losses[True][-1] < losses[True][0] - 0.5              # it learns
+    for a, b in zip(losses[False], losses[True]):
+        assert abs(a - b) <= 2e-2 * abs(a), (losses[False], losses[True])
+
+
 # ---------------------------------------------------------------------------------------- schedules / config
 def test_progressive_sequence_length(tmp_path, shards):
     t = Trainer(_tc(tmp_path, shards, steps=3, seq=16, seq_schedule=[[0, 16], [2, 32]], mtp_weight=0.0))

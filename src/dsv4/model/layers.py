@@ -75,6 +75,14 @@ class Rotary(nn.Module):
         self.dim, self.base, self.yarn = dim, base, yarn
         self.register_buffer("inv_freq", rope_inv_freq(dim, base, yarn), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """model.to(torch.bfloat16) casts floating buffers too; rounded to bf16 the frequencies would put a
+        token at position 1M off by thousands of radians. They are recomputed in fp32 instead."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.dim, self.base, self.yarn).to(self.inv_freq.device)
+        return self
+
     def reset(self, device=None) -> None:
         """Recompute the (non-persistent) frequencies, e.g. after building the model on the meta device."""
         self.inv_freq = rope_inv_freq(self.dim, self.base, self.yarn).to(device or self.inv_freq.device)

@@ -138,7 +138,8 @@ class Config:
     key_block = 32            # keys per _dkv_window_kernel program
     token_block = 2           # tokens per step of its loop (× head_group = rows of its dots)
     head_group = 16           # heads per program / step: tiles of 16 × head_dim fit in shared memory at any
-                              # head count (V4: 64 / 128 heads; all heads at once would need ~290 KB at 64)
+                              # head count (V4: 64 / 128 heads; all heads at once would need ~290 KB at 64);
+                              # at least 16, the fewest rows a Triton dot takes on a GPU
 
 
 def available(q: torch.Tensor) -> bool:

@@ -135,7 +135,7 @@ class Transformer(nn.Module):
         total = x.new_zeros((), dtype=torch.float32)
         for i in range(0, x.shape[0], self.loss_chunk):
             total = total + checkpoint(self._ce_sum, x[i:i + self.loss_chunk], t[i:i + self.loss_chunk],
-                                       use_reentrant=False)
+                                       use_reentrant=False, preserve_rng_state=False)   # no randomness here
         return total / t.numel()
 
     def _ce_sum(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -182,6 +182,8 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
         if ids.numel() == 0:
             raise ValueError("input_ids is empty")
+        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return           # no read-back inside a CUDA graph: train.graphed.GraphedStep checks them before
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"token id {hi if hi >= self.cfg.vocab_size else lo} outside the vocabulary "

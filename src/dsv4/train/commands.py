@@ -48,7 +48,7 @@ def _overrides(args) -> dict:
           "seq": args.seq, "lr": args.lr, "device": args.device, "dtype": args.dtype, "optimizer": args.optimizer,
           "seed": args.seed, "grad_accum": args.grad_accum, "warmup": args.warmup, "eval_every": args.eval_every,
           "save_every": args.save_every, "tokenizer": args.tokenizer, "data": args.data or None,
-          "compile": args.compile}
+          "compile": args.compile, "cuda_graph": args.cuda_graph}
     if args.no_progress:
         ov["progress"] = False
     ablation = {k: v for k, v in (("residual", args.residual), ("attention", args.attention),
@@ -96,6 +96,9 @@ def cmd_train(args) -> int:
             if tc.compile:
                 print("  blocks compiled with torch.compile (the first steps include the compile)"
                       if trainer.device.type == "cuda" else "  --compile applies to CUDA only: ignored on the CPU")
+            if tc.cuda_graph:
+                print("  each micro-step replayed from a CUDA graph (per sequence length, after 2 eager warm-up steps)"
+                      if trainer.device.type == "cuda" else "  --cuda-graph applies to CUDA only: ignored on the CPU")
         try:
             hist = trainer.fit()
         except KeyboardInterrupt:
@@ -156,4 +159,8 @@ def register(sub) -> None:
     s.add_argument("--compile", action="store_true", default=None,
                    help="CUDA: torch.compile every block (a one-off compile of a few minutes, then about twice the "
                         "tokens/s at small batches; ignored on the CPU)")
+    s.add_argument("--cuda-graph", action="store_true", default=None,
+                   help="CUDA, one process: capture each micro-step (forward + backward) in a CUDA graph and "
+                        "replay it, so the CPU no longer paces the GPU's thousands of small kernels; one capture per sequence "
+                        "length after 2 eager steps; needs bf16 (the default on a GPU); ignored on the CPU")
     s.set_defaults(fn=cmd_train)

@@ -80,6 +80,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True                # also write TensorBoard events when torch.utils.tensorboard works
     compile: bool = False                   # CUDA: torch.compile every block (fewer, fused kernels; ~2x tok/s at batch 1)
+    cuda_graph: bool = False                # CUDA, one process: micro-steps replayed from a CUDA graph (graphed.py)
 
     _CHOICES = {"schedule": ("cosine", "wsd", "constant"), "optimizer": ("muon", "adamw"),
                 "dtype": ("auto", "fp32", "bf16")}
@@ -196,6 +197,15 @@ class Trainer:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             for blk in list(self.model.layers) + list(self.model.mtp):
                 blk.compile()
+
+        self.graphed = None
+        if tc.cuda_graph and self.device.type == "cuda":
+            if self.dist:
+                raise TrainError("cuda_graph runs in one process (FSDP2's collectives are not captured): "
+                                 "train on one GPU or without --cuda-graph")
+            from .graphed import GraphedStep
+            self.graphed = GraphedStep(self.model, self._micro_loss, warmup=2,
+                                       check_inputs=lambda x, y: self.model._check_ids(x))
 
         from .optim import build_optimizer
         self.opt = build_optimizer(self.model, lr=tc.lr, weight_decay=tc.weight_decay, muon=tc.optimizer == "muon")
@@ -381,16 +391,14 @@ class Trainer:
         lr = lr_at(self.step, tc.steps, tc.lr, tc.warmup, tc.schedule, tc.min_lr_ratio)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=self.graphed is None)     # a CUDA graph adds into the gradients it holds
         totals = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "balance": 0.0}
         for _ in range(tc.grad_accum):
             x, y = next(self.loader)
             x, y = x.to(self.device), y.to(self.device)
-            with torch.autocast(**self.autocast):
-                parts = compute_loss(self.model, x, y, tc.mtp_weight, tc.balance_weight)
-            (parts.total / tc.grad_accum).backward()
-            for k, v in (("loss", parts.total), ("lm", parts.lm), ("mtp", parts.mtp), ("balance", parts.balance)):
-                totals[k] += float(v.detach()) / tc.grad_accum if v is not None else 0.0
+            outs = self._micro_step(x, y)
+            for k, v in zip(("loss", "lm", "mtp", "balance"), outs[1:]):
+                totals[k] += float(v) / tc.grad_accum
             self.tokens_seen += x.numel() * self.world
         totals = {k: self._mean(v) for k, v in totals.items()}       # the global batch's numbers
         if tc.grad_clip > 0:
@@ -407,6 +415,32 @@ class Trainer:
         self.step += 1
         return {"step": self.step, **totals, "lr": lr, "grad_norm": gnorm, "seq": seq,
                 "max_violation": viol, "anticipatory": event, "tokens": self.tokens_seen}
+
+    def _micro_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """-> (total / grad_accum: what the backward starts from, total, lm, mtp, balance); absent parts are 0."""
+        tc = self.tc
+        with torch.autocast(**self.autocast):
+            parts = compute_loss(self.model, x, y, tc.mtp_weight, tc.balance_weight)
+        zero = torch.zeros((), device=parts.total.device)
+        return (parts.total / tc.grad_accum, parts.total,
+                *(zero if v is None else v for v in (parts.lm, parts.mtp, parts.balance)))
+
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Forward + backward of one micro-batch (gradients added into .grad) -> `_micro_loss`'s values,
+        detached. From a CUDA graph with --cuda-graph, except while anticipatory routing selects experts with
+        older gate parameters (new tensors every step; those steps run eagerly)."""
+        routing_lag = self.routing is not None and self.routing.active
+        if self.graphed is not None and not routing_lag:
+            from .graphed import GraphError
+            try:
+                return self.graphed(x, y)
+            except GraphError as e:
+                import warnings
+                warnings.warn(f"dsv4 train: {e}; going on without the CUDA graph", RuntimeWarning, stacklevel=2)
+                self.graphed = None
+        outs = self._micro_loss(x, y)
+        outs[0].backward()
+        return tuple(o.detach() for o in outs)          # no graph kept alive past its backward
 
     def _open_logs(self):
         """log.jsonl (records after the resumed step are dropped: they are about to be redone) and TensorBoard."""
