@@ -5,7 +5,10 @@
 train:  one forward+backward at batch x seq (eager, LM loss), after a warm-up; the top kernels and ops by
         CUDA time go to DIR/profile_train.txt (and a chrome trace, DIR/train_trace.json.gz)
 train_compiled: the same with every block under torch.compile (as `dsv4 train --compile`; includes the compile
-        time) -> DIR/profile_train_compiled.txt
+        time) -> DIR/profile_train_compiled.txt (with train_compiled_graph also asked for: replayed from a CUDA
+        graph -> profile_train_compiled_graph.txt)
+train_graph: the eager step captured in a CUDA graph and replayed (as `dsv4 train --cuda-graph`)
+        -> DIR/profile_train_graph.txt
 compiled: the decode step compiled before capture: compile time, ms/step, tok/s through generate_stream and its
         kernels (DIR/decode_compiled.txt)
 decode: the graphed static decode step against the reference path: same greedy tokens after a 2048-token
@@ -48,22 +51,29 @@ def table(prof, n: int = 40) -> str:
     return "\n".join(out)
 
 
-def profile_train(model, out: Path, b: int, s: int, compiled: bool = False) -> None:
+def profile_train(model, out: Path, b: int, s: int, compiled: bool = False, graph: bool = False) -> None:
+    from dsv4.train.graphed import GraphedStep
     model.train()
     ids = torch.randint(0, model.cfg.vocab_size, (b, s), device="cuda")
-    name = "profile_train_compiled" if compiled else "profile_train"
+    name = "profile_train" + ("_compiled" if compiled else "") + ("_graph" if graph else "")
     if compiled:                                          # as `dsv4 train --compile` does
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         t = time.perf_counter()
         for blk in model.layers:
             blk.compile()
 
+    def loss(i):
+        return (F.cross_entropy(model(i)[:, :-1].flatten(0, 1), i[:, 1:].flatten()),)
+    graphed = GraphedStep(model, loss, warmup=2) if graph else None
+
     def step():
-        logits = model(ids)
-        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-        model.zero_grad(set_to_none=True)
-    step()
-    step()
+        if graphed is not None:                           # replayed (the first two calls eager, the third captures)
+            graphed(ids)
+        else:
+            loss(ids)[0].backward()
+        model.zero_grad(set_to_none=graphed is None)
+    for _ in range(3 if graph else 2):
+        step()
     torch.cuda.synchronize()
     head = f"compile + 2 warm-up steps {time.perf_counter() - t:.1f} s\n" if compiled else ""
     walls = []
@@ -217,8 +227,11 @@ def main() -> int:
         decode_compiled(model, out)
     if "train" in args.what.split(","):
         profile_train(model, out, args.batch, args.seq)
+    if "train_graph" in args.what.split(","):
+        profile_train(model, out, args.batch, args.seq, graph=True)
     if "train_compiled" in args.what.split(","):
-        profile_train(model, out, args.batch, args.seq, compiled=True)
+        profile_train(model, out, args.batch, args.seq, compiled=True,
+                      graph="train_compiled_graph" in args.what.split(","))
     print(json.dumps({"done": True}))
     return 0
 
