@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 
 from ..config import ModelConfig, load_config
 from ..model import Transformer, init_weights
+from .graphed import GraphError, GraphedStep
 from .recipe import (AnticipatoryRouting, SpikeDetector, compute_loss, dense_expert_grads, lr_at, seq_len_at,
                      update_gate_biases)
 
@@ -203,7 +205,6 @@ class Trainer:
             if self.dist:
                 raise TrainError("cuda_graph runs in one process (FSDP2's collectives are not captured): "
                                  "train on one GPU or without --cuda-graph")
-            from .graphed import GraphedStep
             self.graphed = GraphedStep(self.model, self._micro_loss, warmup=2,
                                        check_inputs=lambda x, y: self.model._check_ids(x))
 
@@ -431,11 +432,9 @@ class Trainer:
         older gate parameters (new tensors every step; those steps run eagerly)."""
         routing_lag = self.routing is not None and self.routing.active
         if self.graphed is not None and not routing_lag:
-            from .graphed import GraphError
             try:
                 return self.graphed(x, y)
             except GraphError as e:
-                import warnings
                 warnings.warn(f"dsv4 train: {e}; going on without the CUDA graph", RuntimeWarning, stacklevel=2)
                 self.graphed = None
         outs = self._micro_loss(x, y)
