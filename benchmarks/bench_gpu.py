@@ -10,6 +10,8 @@ Measures (each printed as one JSON line as it finishes, all collected in DIR/dsv
             matmul peak measured in the same run
   graph     the training step captured in a CUDA graph (train.graphed): gradients against eager steps, then
             tok/s as above (also after `compile` when both are asked for)
+  recipe    `dsv4 train`'s own micro-step (fp32 weights, bf16 autocast, LM + MTP + balance losses, chunked),
+            eager and from a CUDA graph
   compile   the same training step with every block under torch.compile
   prefill   tok/s and peak memory from 4K to --max-context tokens: one pass up to 32K, chunked prefill
             through the KV cache beyond (linear cost; activations bounded by the chunk)
@@ -95,15 +97,22 @@ def train_flops_per_token(cfg, seq: int) -> float:
     return dense + attn
 
 
-def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = False, graph: bool = False) -> None:
+def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = False, graph: bool = False,
+                recipe: bool = False) -> None:
     """fwd+bwd tok/s per TRAIN_SHAPES. Loss: cross-entropy over the full logits (as the transformers baseline), or
     with chunked_loss the head + cross-entropy in checkpointed chunks that `dsv4 train` runs (forward(targets=)).
-    graph: the step captured in a CUDA graph and replayed (train.graphed.GraphedStep, as `dsv4 train --cuda-graph`)."""
+    graph: the step captured in a CUDA graph and replayed (train.graphed.GraphedStep, as `dsv4 train --cuda-graph`).
+    recipe: exactly `dsv4 train`'s micro-step on a GPU — fp32 weights, bf16 autocast, `compute_loss` (chunked LM
+    + MTP + sequence-balance losses); `model` must then hold fp32 weights."""
     from dsv4.train.graphed import GraphedStep
+    from dsv4.train.recipe import compute_loss
     model.train()
     V = cfg.vocab_size
 
     def loss_of(x, y):
+        if recipe:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return (compute_loss(model, x, y, 0.3 if mtp else 0.0, 1e-4).total,)
         if chunked_loss:
             loss, h = model(x, return_hidden=True, targets=y)
             if mtp:
@@ -262,7 +271,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
-    ap.add_argument("--sections", default="check,train,graph,decode,prefill,compile")
+    ap.add_argument("--sections", default="check,train,graph,recipe,decode,prefill,compile")
     ap.add_argument("--max-context", type=int, default=1 << 20)
     ap.add_argument("--budget-s", type=float, default=540, help="stop starting new sections after this")
     args = ap.parse_args()
@@ -300,6 +309,13 @@ def main() -> int:
         if graph_ok:
             bench_train(cfg, model, peak, "CUDA graph", mtp=False, graph=True)
             bench_train(cfg, model, peak, "CUDA graph, chunked loss", mtp=True, chunked_loss=True, graph=True)
+        if "recipe" in sections and time.time() < deadline:      # what `dsv4 train` runs: fp32 weights + autocast
+            master = init_weights(Transformer(cfg), seed=0).cuda()
+            bench_train(cfg, master, peak, "dsv4 train step (fp32 weights, bf16 autocast)", mtp=True, recipe=True)
+            if graph_ok or "graph" not in sections:
+                bench_train(cfg, master, peak, "dsv4 train step, CUDA graph", mtp=True, recipe=True, graph=True)
+            del master
+            torch.cuda.empty_cache()
         if "decode" in sections and time.time() < deadline:
             bench_decode(cfg, model)
         if "prefill" in sections and time.time() < deadline:
