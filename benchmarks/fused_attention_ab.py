@@ -8,9 +8,13 @@
            (sparse_attention_bwd.py), its window dKV by atomic adds and per key block
   bwd      the Triton backward alone per layer kind (window / CSA / HCA) at b2x4096: ms, both window-dKV forms
            (--bwd-heads 16 64: also at V4's head count)
+  fwd      the forward alone per layer kind at b2x4096: FlexAttention (block mask included) vs the Triton
+           forward (sparse_attention_fwd.py), ms and how far apart their outputs are (--bwd-heads as above)
   prefill  one-pass prefill tok/s at 4K…32K, reference vs fused
   decode   greedy decode through the reference path (no CUDA graph) after 2048 tokens: indexer reference vs Triton
   long     chunked prefill through the KV cache (64K, 256K): indexer reference vs Triton
+  cached   the same chunked prefill (Triton indexer): reference attention vs the Triton forward through the
+           cache (Attention.fused_cached)
 Writes DIR/fused_ab.json after every record.
 """
 from __future__ import annotations
@@ -32,7 +36,8 @@ sys.path.insert(0, str(HERE))
 from bench_gpu import build, timed  # noqa: E402
 from dsv4.config import load_config  # noqa: E402
 from dsv4.inference.generate import prefill  # noqa: E402
-from dsv4.model import Transformer, init_weights, sparse_attention, sparse_attention_bwd  # noqa: E402
+from dsv4.model import (Transformer, init_weights, sparse_attention, sparse_attention_bwd,  # noqa: E402
+                        sparse_attention_fwd)
 from dsv4.model.attention import Attention, Indexer  # noqa: E402
 
 RESULTS: list[dict] = []
@@ -77,11 +82,13 @@ def train(cfg, model, deadline) -> None:
             loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             loss.backward()
             model.zero_grad(set_to_none=True)
-        for fused, triton_bwd, window_dkv in ((False, False, "keys"), (True, True, "atomic"), (True, True, "keys")):
+        for fused, triton_bwd, window_dkv, triton_fwd in ((False, False, "keys", False), (True, True, "atomic", False),
+                                                          (True, True, "keys", False), (True, True, "keys", True)):
             if time.time() > deadline:
                 return
             set_fused(fused, fused)
             sparse_attention.Backward.triton = triton_bwd
+            sparse_attention.Forward.triton = triton_fwd
             sparse_attention_bwd.Config.window_dkv = window_dkv
             t0 = time.perf_counter()
             step()
@@ -89,24 +96,47 @@ def train(cfg, model, deadline) -> None:
             warm = time.perf_counter() - t0
             torch.cuda.reset_peak_memory_stats()
             t = timed(step, 3)
-            log(what="train", fused=fused, backward=f"triton ({window_dkv})" if triton_bwd else "reference", batch=b, seq=s, s=t, tok_s=b * s / t, warmup_s=warm,
-                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+            log(what="train", fused=fused, forward="triton" if triton_fwd else ("flex" if fused else "reference"),
+                backward=f"triton ({window_dkv})" if triton_bwd else "reference", batch=b, seq=s, s=t,
+                tok_s=b * s / t, warmup_s=warm, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        sparse_attention.Forward.triton = False
         torch.cuda.empty_cache()
 
 
-def backward_kernels(cfg, h: int) -> None:
-    """The Triton backward alone at b2×4096 (bench head_dim, h heads, bf16): per layer kind, ms per call with the
-    window's dKV by atomics vs per key block, and how far apart their gradients are."""
-    b, L, d, W = 2, 4096, cfg.head_dim, cfg.sliding_window
+def _layer_inputs(cfg, h: int):
+    """Random bf16 attention inputs at b2×4096 with h heads: q, kv, do, o, lse, sink and per layer kind
+    (window / CSA / HCA) its compressed entries, CSA picks (random visible entries) and ratio."""
+    b, L, d = 2, 4096, cfg.head_dim
     g = torch.Generator(device="cuda").manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
     q, kv, do = rnd(b, L, h, d), rnd(b, L, d), rnd(b, L, h, d)
     o, lse, sink = rnd(b, L, h, d), torch.full((b, L, h), 8.0, device="cuda"), torch.zeros(h, device="cuda")
     t = torch.arange(L, device="cuda")
-    k = cfg.index_topk
-    pick = torch.rand(b, L, L // 4, device="cuda", generator=g).argsort(-1)[..., :k]          # random entries …
+    pick = torch.rand(b, L, L // 4, device="cuda", generator=g).argsort(-1)[..., :cfg.index_topk]   # random entries …
     sel = torch.where(pick < ((t + 1) // 4)[None, :, None], pick, -1)                          # … visible ones only
     kinds = {"window": (None, None, 0), "CSA": (rnd(b, L // 4, d), sel, 4), "HCA": (rnd(b, L // 128, d), None, 128)}
+    return q, kv, do, o, lse, sink, kinds
+
+
+def forward_kernels(cfg, h: int) -> None:
+    """The forward alone at b2×4096 (h heads, bf16): FlexAttention (its block mask built per call, as in the
+    model) vs the Triton forward, ms per layer kind and the relative difference of their outputs."""
+    q, kv, _, _, _, sink, kinds = _layer_inputs(cfg, h)
+    W = cfg.sliding_window
+    for kind, (comp, s_, ratio) in kinds.items():
+        flex = lambda: sparse_attention._with_sink(  # noqa: E731
+            *sparse_attention._forward(q, kv, comp, s_, W, ratio, None), sink)[0]
+        tri = lambda: sparse_attention_fwd.forward(q, kv, 0, 0, comp, s_, sink, W, ratio)[0]  # noqa: E731
+        a, c = flex(), tri()
+        log(what="fwd_kernel", heads=h, layer=kind, flex_ms=timed(flex, 5) * 1e3, triton_ms=timed(tri, 5) * 1e3,
+            rel=float((c - a).float().norm() / a.float().norm()))
+
+
+def backward_kernels(cfg, h: int) -> None:
+    """The Triton backward alone at b2×4096 (bench head_dim, h heads, bf16): per layer kind, ms per call with the
+    window's dKV by atomics vs per key block, and how far apart their gradients are."""
+    q, kv, do, o, lse, sink, kinds = _layer_inputs(cfg, h)
+    W = cfg.sliding_window
     for kind, (comp, s_, ratio) in kinds.items():
         outs = {}
         for mode in ("atomic", "keys"):
@@ -156,6 +186,18 @@ def prefill_long(cfg, model, deadline) -> None:
 
 
 @torch.no_grad()
+def prefill_cached(cfg, model, deadline) -> None:
+    def paths(fused):
+        set_fused(False, True)
+        Attention.fused = True                 # (fused_cached acts through the cache only; fused_training off)
+        Attention.fused_cached = fused
+    _prefill_ab(cfg, model, deadline, (65536, 262144), "chunked 8192 via KV cache", "attention_fused_cached", paths,
+                lambda ids: prefill(model, ids, model.new_caches(1, ids.shape[1], mtp=False), chunk=8192),
+                warm_up=lambda seq: seq <= 65536, reps=1)
+    Attention.fused_cached = False
+
+
+@torch.no_grad()
 def decode_eager(cfg, model, deadline) -> None:
     from dsv4.inference.generate import generate_stream
     model.eval()
@@ -173,10 +215,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
-    ap.add_argument("--sections", default="check,bwd,train,prefill,decode,long")
+    ap.add_argument("--sections", default="check,bwd,fwd,train,prefill,decode,long,cached")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--bwd-heads", type=int, nargs="+", default=[16],
-                    help="head counts for the bwd section (the bench config has 16; V4 has 64 / 128)")
+                    help="head counts for the bwd and fwd sections (the bench config has 16; V4 has 64 / 128)")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -191,6 +233,9 @@ def main() -> int:
     if "bwd" in sections:
         for h in args.bwd_heads:
             backward_kernels(cfg, h)
+    if "fwd" in sections:
+        for h in args.bwd_heads:
+            forward_kernels(cfg, h)
     if "train" in sections:
         train(cfg, model, deadline)
     if "prefill" in sections:
@@ -199,6 +244,8 @@ def main() -> int:
         decode_eager(cfg, model, deadline)
     if "long" in sections:
         prefill_long(cfg, model, deadline)
+    if "cached" in sections:
+        prefill_cached(cfg, model, deadline)
     return 0
 
 

@@ -22,10 +22,18 @@ def flex_anywhere(monkeypatch):
     yield "cuda" if CUDA else "cpu"
 
 
+@pytest.mark.parametrize("forward", ["flex", "triton"])
 @pytest.mark.parametrize("seq", [37, 90, 300])
-def test_fused_forward_equals_reference(flex_anywhere, monkeypatch, seq):
+def test_fused_forward_equals_reference(flex_anywhere, monkeypatch, seq, forward):
     """Logits of the whole model (sliding, CSA with binding top-k, HCA layers; random sinks) agree in fp32. 300
-    tokens span several query blocks and key blocks, and more compressed entries than a block."""
+    tokens span several query blocks and key blocks, and more compressed entries than a block. 'triton': the
+    Triton forward (Forward.triton; one program per token and group of heads over exactly its keys, online
+    softmax, then the sink) instead of FlexAttention, checked to have run in every layer."""
+    if forward == "triton":
+        if not _triton_here():
+            pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+        monkeypatch.setattr(sparse_attention.Forward, "triton", True)
+        calls = _count_calls(monkeypatch)
     model = random_tiny(4).float().to(flex_anywhere)
     assert model.cfg.index_topk < seq // 4 and {0, 4}.issubset(model.cfg.compress_ratios)
     ids = torch.randint(0, model.cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(seq)).to(flex_anywhere)
@@ -34,6 +42,8 @@ def test_fused_forward_equals_reference(flex_anywhere, monkeypatch, seq):
         ref = model(ids)
         monkeypatch.setattr(Attention, "fused", True)
         out = model(ids)
+    if forward == "triton":
+        assert len(calls) == model.cfg.num_hidden_layers
     assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
@@ -123,3 +133,75 @@ def test_triton_backward_fits_hopper_at_v4_head_counts(heads):
     shared = compile_for_hopper(sab._dkv_window_kernel, {**common, "BK": sab.Config.key_block,
                                                          "TB": sab.Config.token_block}, ptr, floats=("scale",))
     assert shared <= 227 * 1024, shared
+
+
+# ---------------------------------------------------------------------------------------- Triton forward
+def _triton_here() -> bool:
+    from dsv4.model import sparse_attention_fwd
+    return sparse_attention_fwd.available(torch.empty(1, 16, device="cuda" if CUDA else "cpu"))
+
+
+def _count_calls(monkeypatch) -> list:
+    """Wrap sparse_attention_fwd.forward so a test can see that the kernel ran (not a fallback)."""
+    from dsv4.model import sparse_attention_fwd
+    calls, real = [], sparse_attention_fwd.forward
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sparse_attention_fwd, "forward", counted)
+    return calls
+
+
+def test_triton_forward_through_the_cache_equals_reference(monkeypatch):
+    """Prefill in chunks through the KV cache (Attention.fused_cached): each chunk's queries see the cached tail
+    of earlier raw KV (raw_start > 0), the compressed entries of all earlier chunks and their CSA picks; logits
+    equal the reference path's chunk by chunk (fp32, two different sequences in the batch)."""
+    if not _triton_here():
+        pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    dev = "cuda" if CUDA else "cpu"
+    calls = _count_calls(monkeypatch)
+    m = random_tiny(2).float().to(dev)
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 77), generator=torch.Generator().manual_seed(4)).to(dev)
+    outs = {}
+    with torch.no_grad():
+        for fused in (False, True):
+            monkeypatch.setattr(Attention, "fused_cached", fused)
+            caches = m.new_caches(2, 80)
+            outs[fused] = torch.cat([m(ids[:, c:c + 10], c, caches) for c in range(0, 77, 10)], 1)
+    assert len(calls) == 8 * m.cfg.num_hidden_layers                     # every chunk, every layer
+    ref = outs[False]
+    assert float((outs[True] - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+@pytest.mark.skipif(not triton_compiler(), reason="needs Triton's compiler (not its interpreter)")
+@pytest.mark.parametrize("heads", [16, 64, 128])
+def test_triton_forward_fits_hopper_at_v4_head_counts(heads):
+    """The forward kernel compiles for sm90 at head_dim 512 with V4's head counts, within an H100's shared
+    memory per program, for each key layout (window only, HCA, CSA)."""
+    from dsv4.model import sparse_attention_fwd as saf
+    ptr = {n: "bf16" for n in ("Q", "RAW", "COMP", "O")}
+    ptr.update({"SINK": "fp32", "LSE": "fp32", "SEL": "i32"})
+    for mode in (0, 1, 2):
+        shared = compile_for_hopper(saf._fwd_kernel, {"H": heads, "HG": saf.Config.head_group, "D": 512,
+                                                      "BN": saf.Config.key_block, "MODE": mode, "IEEE": False},
+                                    ptr, floats=("scale",))
+        assert shared <= 227 * 1024, (mode, shared)
+
+
+def test_triton_forward_and_backward_give_reference_gradients(flex_anywhere, monkeypatch):
+    """Training with both Triton kernels (Forward.triton: the forward's output and log-denominator feed the
+    backward): every parameter gradient equals the reference path's (fp32)."""
+    from dsv4.model import sparse_attention_bwd
+    if not (_triton_here() and sparse_attention_bwd.available(torch.empty(1, 16, device=flex_anywhere))):
+        pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    monkeypatch.setattr(sparse_attention.Forward, "triton", True)
+    monkeypatch.setattr(sparse_attention.Backward, "triton", True)
+    monkeypatch.setattr(Attention, "fused_training", True)
+    calls = _count_calls(monkeypatch)
+    model = random_tiny(6).float().to(flex_anywhere).train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 90), generator=torch.Generator().manual_seed(3)).to(flex_anywhere)
+    grads = _reference_and_fused_grads(model, ids, monkeypatch)
+    assert len(calls) == model.cfg.num_hidden_layers
+    for n, g in grads[0].items():     # 3e-4 as for the Triton backward after FlexAttention's forward
+        assert float((grads[1][n] - g).norm()) <= 3e-4 * float(g.norm()) + 1e-9, n

@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import sparse_attention_bwd
+from . import sparse_attention_bwd, sparse_attention_fwd
 
 try:
     from torch.nn.attention import flex_attention as _fa
@@ -56,6 +56,8 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
     backward is the Triton kernel of sparse_attention_bwd.py instead of FlexAttention's."""
     if needs_grad(q, kv, comp, sink) and Backward.triton and sparse_attention_bwd.available(q) and _backward_compiles(q):
         return _sparse_mqa(q, kv, comp, sink, sel, window, ratio, kernel_options)
+    if Forward.triton and sparse_attention_fwd.available(q) and not needs_grad(q, kv, comp, sink):
+        return sparse_attention_fwd.forward(q, kv, 0, 0, comp, sel, sink, window, ratio)[0]
     return _with_sink(*_forward(q, kv, comp, sel, window, ratio, kernel_options), sink)[0]
 
 
@@ -73,6 +75,10 @@ def _with_sink(o: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor) -> tuple[
 
 class Backward:
     triton = True            # False: FlexAttention's own backward (16×16 tiles for head_dim 512, slower)
+
+
+class Forward:
+    triton = False           # True: the Triton forward (sparse_attention_fwd.py) instead of FlexAttention's
 
 
 class Unavailable:
@@ -132,8 +138,12 @@ class _SparseMQA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, comp, sink, sel, window, ratio, kernel_options):
         with torch.no_grad():
-            out, lse_all = _with_sink(*_forward(q.detach(), kv.detach(), None if comp is None else comp.detach(),
-                                                sel, window, ratio, kernel_options), sink)
+            c = None if comp is None else comp.detach()
+            if Forward.triton and sparse_attention_fwd.available(q):
+                out, lse_all = sparse_attention_fwd.forward(q.detach(), kv.detach(), 0, 0, c, sel, sink, window, ratio)
+            else:
+                out, lse_all = _with_sink(*_forward(q.detach(), kv.detach(), c, sel, window, ratio, kernel_options),
+                                          sink)
         ctx.save_for_backward(q, kv, comp, sel, out, lse_all, sink)
         ctx.window, ctx.ratio = window, ratio
         return out

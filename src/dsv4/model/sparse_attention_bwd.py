@@ -32,6 +32,18 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
+    def _entry_tile(SEL, sel_row, start, n_c, BN: tl.constexpr, MODE: tl.constexpr):
+        """Entries start … start+BN−1 of a token's walk over compressed entries: its CSA picks, read from its row
+        of SEL (MODE 2; −1 = none), or the entries themselves (HCA) -> (entry ids, 0 where absent; present)."""
+        j = start + tl.arange(0, BN)
+        if MODE == 2:
+            jc = tl.load(SEL + sel_row + j, mask=j < n_c, other=-1)
+        else:
+            jc = tl.where(j < n_c, j, -1)
+        ok = jc >= 0
+        return tl.where(ok, jc, 0), ok
+
+    @triton.jit
     def _probs_and_ds(q, do, k, lse, delta, seen, scale, IEEE: tl.constexpr):
         """rows q/do [R, D] against keys k [N, D] (seen [R, N]): softmax weights p (0 where unseen) and
         dS = p · (dO·k − D), both [R, N] fp32."""
@@ -79,14 +91,7 @@ if triton is not None:
             else:
                 n_c = n_sel
             for start in range(0, n_c, BN):
-                j = start + tl.arange(0, BN)
-                if MODE == 2:
-                    jc = tl.load(SEL + b * ss_b + t * ss_t + j, mask=j < n_c, other=-1)
-                    ok = jc >= 0
-                    jc = tl.where(ok, jc, 0)
-                else:
-                    ok = j < n_c
-                    jc = tl.where(ok, j, 0)
+                jc, ok = _entry_tile(SEL, b * ss_b + t * ss_t, start, n_c, BN, MODE)
                 k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
                 p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & hm[:, None], scale, IEEE)
                 dq += _dot(ds.to(k.dtype), k, IEEE)

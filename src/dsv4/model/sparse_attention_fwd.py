@@ -1,0 +1,119 @@
+"""Forward of the sparse MQA in Triton, at any start position: prefill through the KV cache as well as one pass.
+
+FlexAttention (sparse_attention.py) serves one-pass calls from position 0; it is compiled per shape, so every
+new chunk length of a prefill through the cache would compile anew, and it needs a block mask built per call
+(for CSA from a [b, L, entries] membership table). This kernel needs neither: one program per token and group of
+16 heads (MQA: the heads share every key) walks exactly the keys that token sees, with an online softmax —
+
+  1. its window band of raw KV: positions max(p − W + 1, raw_start) … p, read from `raw` (the cached tail of
+     earlier tokens, then this call's tokens: raw[i] holds position raw_start + i);
+  2. its compressed entries: the CSA picks sel[t] (−1 = none; gathered one by one) or, for HCA, every entry
+     j with (j + 1)·ratio ≤ p + 1;
+
+then widens the softmax denominator by the head's sink: o = Σ softmax · k / (1 + e^(sink − lse)) (V = K), and
+returns the log-denominator with the sink (what the Triton backward takes). Same keys and numbers as the
+reference path (`Attention._attend`) up to summation order; scores are not rounded to the input dtype
+before the softmax (the reference's bf16 einsum rounds them; FlexAttention does not either).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import indexer_kernel
+from .indexer_kernel import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .sparse_attention_bwd import _dot, _entry_tile
+
+    @triton.jit
+    def _online_softmax_step(q, k, ok, m, l_sum, acc, scale, IEEE: tl.constexpr):
+        """One key tile k [N, D] (ok [R, N]: which rows see which keys) into the running max m [R], denominator
+        l_sum [R] and numerator acc [R, D] of rows q [R, D]."""
+        s = tl.where(ok, _dot(q, tl.trans(k), IEEE) * scale, -1.0e30)     # finite: no inf − inf when all masked
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(k.dtype), k, IEEE)
+        return m_new, l_sum, acc
+
+    @triton.jit
+    def _fwd_kernel(Q, RAW, COMP, SEL, SINK, O, LSE,
+                    raw_start, t0, window, ratio, n_sel, n_comp, scale,
+                    sq_b, sq_t, sq_h, sr_b, sr_t, sc_b, sc_n, ss_b, ss_t, so_b, so_t, so_h, sl_b, sl_t,
+                    H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
+                    IEEE: tl.constexpr):
+        """Query i of this call (position p = t0 + i), one group of HG heads: window band, then compressed
+        entries (MODE 0 none, 1 HCA, 2 CSA picks), then the sink."""
+        i, b = tl.program_id(0), tl.program_id(1)
+        heads = tl.program_id(2) * HG + tl.arange(0, HG)
+        hm = heads < H
+        dims = tl.arange(0, D)
+        q = tl.load(Q + b * sq_b + i * sq_t + heads[:, None] * sq_h + dims[None, :], mask=hm[:, None], other=0.)
+        m = tl.full([HG], -1.0e30, dtype=tl.float32)
+        l_sum = tl.zeros([HG], dtype=tl.float32)
+        acc = tl.zeros([HG, D], dtype=tl.float32)
+        p_abs = t0 + i
+        w0 = tl.maximum(p_abs - window + 1, raw_start)
+        for start in range(0, p_abs - w0 + 1, BN):                    # window band: positions w0 … p
+            pos = w0 + start + tl.arange(0, BN)
+            ok = pos <= p_abs
+            k = tl.load(RAW + b * sr_b + (pos - raw_start)[:, None] * sr_t + dims[None, :], mask=ok[:, None],
+                        other=0.)
+            m, l_sum, acc = _online_softmax_step(q, k, ok[None, :] & hm[:, None], m, l_sum, acc, scale, IEEE)
+        if MODE != 0:                                                 # compressed entries: HCA visible / CSA picks
+            if MODE == 1:
+                n_c = tl.minimum((p_abs + 1) // ratio, n_comp)
+            else:
+                n_c = n_sel
+            for start in range(0, n_c, BN):
+                jc, ok = _entry_tile(SEL, b * ss_b + i * ss_t, start, n_c, BN, MODE)
+                k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
+                m, l_sum, acc = _online_softmax_step(q, k, ok[None, :] & hm[:, None], m, l_sum, acc, scale, IEEE)
+        sink = tl.load(SINK + heads, mask=hm, other=0.)
+        lse = m + tl.log(tl.where(hm, l_sum, 1.))                     # log-denominator without the sink
+        top = tl.maximum(lse, sink)
+        lse_all = top + tl.log(tl.exp(lse - top) + tl.exp(sink - top))
+        o = acc * tl.exp(m - lse_all)[:, None]                        # = acc / l_sum · e^lse / e^lse_all
+        tl.store(O + b * so_b + i * so_t + heads[:, None] * so_h + dims[None, :], o.to(O.dtype.element_ty),
+                 mask=hm[:, None])
+        tl.store(LSE + b * sl_b + i * sl_t + heads, lse_all, mask=hm)
+
+
+class Config:
+    head_group = 16           # heads per program: 16 × head_dim tiles at any head count (≥ 16: a dot's rows)
+    key_block = 32            # keys per tile of the walk
+
+
+def available(q: torch.Tensor) -> bool:
+    """Triton runs where q lives and the head size suits tl.dot (a power of two ≥ 16)."""
+    d = q.shape[-1]
+    return indexer_kernel.available(q) and d >= 16 and not d & (d - 1)
+
+
+def forward(q: torch.Tensor, raw: torch.Tensor, raw_start: int, t0: int, comp: torch.Tensor | None,
+            sel: torch.Tensor | None, sink: torch.Tensor, window: int, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [b,L,h,d] at positions t0 … t0+L−1; raw [b,R,d] raw KV of positions raw_start … (it must hold each
+    query's window band: raw_start ≤ t0 − window + 1 or raw_start = 0); comp [b,N,d] the compressed entries so
+    far or None; sel [b,L,k] CSA picks (−1 = none) or None (HCA); sink [h] -> o [b,L,h,d] in q's dtype,
+    lse [b,L,h] fp32 (log of the softmax denominator, sink included)."""
+    b, L, h, d = q.shape
+    if raw.shape[1] < t0 + L - raw_start:
+        raise ValueError(f"sparse attention: raw KV holds positions {raw_start}…{raw_start + raw.shape[1] - 1}, "
+                         f"queries reach {t0 + L - 1}")
+    q, raw = q.contiguous(), raw.to(q.dtype).contiguous()
+    mode = 0 if comp is None or comp.shape[1] == 0 else (2 if sel is not None else 1)
+    comp_c = comp.to(q.dtype).contiguous() if mode else raw
+    sel_c = sel.to(torch.int32).contiguous() if mode == 2 else torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
+    HG = Config.head_group
+    _fwd_kernel[(L, b, triton.cdiv(h, HG))](
+        q, raw, comp_c, sel_c, sink.float().contiguous(), o, lse,
+        raw_start, t0, window, ratio, sel_c.shape[-1], comp_c.shape[1] if mode else 0, d ** -0.5,
+        q.stride(0), q.stride(1), q.stride(2), raw.stride(0), raw.stride(1), comp_c.stride(0), comp_c.stride(1),
+        sel_c.stride(0), sel_c.stride(1), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        H=h, HG=HG, D=d, BN=Config.key_block, MODE=mode, IEEE=q.dtype == torch.float32, num_warps=8)
+    return o, lse
