@@ -85,16 +85,21 @@ def table(args) -> int:
         rows.append({"metric": metric, "size": size, "dsv4": a, "transformers": b, "unit": unit,
                      "speedup": speed, "note": note})
 
-    for impl, bsz in ((i, b) for i in ("eager", "compiled blocks") for b in (1, 2)):
-        a = next((r for r in ours if r["what"] == "train" and not r.get("mtp") and r["batch"] == bsz
+    # LM-loss steps against transformers' (same loss); `dsv4 train`'s own step (LM + MTP + balance, fp32 weights
+    # under autocast) has no transformers counterpart: listed without one
+    train_rows = [(impl, False) for impl in ("eager", "CUDA graph", "compiled blocks", "compiled blocks, CUDA graph")]
+    train_rows += [(impl, True) for impl in ("dsv4 train step (fp32 weights, bf16 autocast)", "dsv4 train step, CUDA graph")]
+    for (impl, recipe), bsz in ((row, b) for row in train_rows for b in (1, 2)):
+        a = next((r for r in ours if r["what"] == "train" and bool(r.get("mtp")) == recipe and r["batch"] == bsz
                   and r.get("impl") == impl and not r.get("oom")), None)
-        b = next((r for r in hf if r["what"] == "train" and r.get("bsz") == bsz), None)
+        b = None if recipe else next((r for r in hf if r["what"] == "train" and r.get("bsz") == bsz), None)
         if a is None and impl != "eager":
             continue
-        add("train fwd+bwd" + (" (compiled blocks)" if impl != "eager" else ""), f"b{bsz}x4096",
+        add("train fwd+bwd" + (f" ({impl})" if impl != "eager" else ""), f"b{bsz}x4096",
             a and a["tok_s"], b and b.get("tok_s"),
             note=(f"dsv4 MFU {100 * a['mfu']:.1f}%, {a['peak_gib']:.1f} GiB" if a else "")
-            + (f"; HF {b['peak_gib']:.1f} GiB" if b and not b.get("oom") else "; HF OOM" if b else ""))
+            + (f"; HF {b['peak_gib']:.1f} GiB" if b and not b.get("oom") else "; HF OOM" if b else "")
+            + ("; LM + MTP + balance losses, no transformers counterpart" if recipe else ""))
     seqs = sorted({r["seq"] for r in ours + hf if r["what"] == "prefill"})
     for s in seqs:
         a = next((r for r in ours if r["what"] == "prefill" and r["seq"] == s), None)
