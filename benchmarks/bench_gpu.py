@@ -97,17 +97,10 @@ def train_flops_per_token(cfg, seq: int) -> float:
     return dense + attn
 
 
-def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = False, graph: bool = False,
-                recipe: bool = False) -> None:
-    """fwd+bwd tok/s per TRAIN_SHAPES. Loss: cross-entropy over the full logits (as the transformers baseline), or
-    with chunked_loss the head + cross-entropy in checkpointed chunks that `dsv4 train` runs (forward(targets=)).
-    graph: the step captured in a CUDA graph and replayed (train.graphed.GraphedStep, as `dsv4 train --cuda-graph`).
-    recipe: exactly `dsv4 train`'s micro-step on a GPU — fp32 weights, bf16 autocast, `compute_loss` (chunked LM
-    + MTP + sequence-balance losses); `model` must then hold fp32 weights."""
-    from dsv4.train.graphed import GraphedStep
+def make_loss(model, mtp: bool, chunked_loss: bool, recipe: bool = False):
+    """loss_of(x, y) -> (loss,): full-logit or chunked cross-entropy, + 0.3 · MTP; or (recipe) `compute_loss`
+    under bf16 autocast, as `dsv4 train` runs it (see bench_train)."""
     from dsv4.train.recipe import compute_loss
-    model.train()
-    V = cfg.vocab_size
 
     def loss_of(x, y):
         if recipe:
@@ -124,6 +117,20 @@ def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = Fa
                 ml = model.mtp_forward(h[:, :-1], y[:, :-1])
                 loss = loss + 0.3 * F.cross_entropy(ml.flatten(0, 1), y[:, 1:].flatten())
         return (loss,)
+    return loss_of
+
+
+def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = False, graph: bool = False,
+                recipe: bool = False) -> None:
+    """fwd+bwd tok/s per TRAIN_SHAPES. Loss: cross-entropy over the full logits (as the transformers baseline), or
+    with chunked_loss the head + cross-entropy in checkpointed chunks that `dsv4 train` runs (forward(targets=)).
+    graph: the step captured in a CUDA graph and replayed (train.graphed.GraphedStep, as `dsv4 train --cuda-graph`).
+    recipe: exactly `dsv4 train`'s micro-step on a GPU — fp32 weights, bf16 autocast, `compute_loss` (chunked LM
+    + MTP + sequence-balance losses); `model` must then hold fp32 weights."""
+    from dsv4.train.graphed import GraphedStep
+    model.train()
+    V = cfg.vocab_size
+    loss_of = make_loss(model, mtp, chunked_loss, recipe)
 
     for b, s in TRAIN_SHAPES:
         ids = torch.randint(0, V, (b, s + 1), device="cuda")
@@ -160,10 +167,7 @@ def graph_check(model, cfg, out: Path) -> bool:
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (1, 2049), device="cuda")
     x, y = ids[:, :-1], ids[:, 1:]
-
-    def loss_of(x, y):
-        loss, h = model(x, return_hidden=True, targets=y)
-        return (loss + 0.3 * model.mtp_forward(h[:, :-1], y[:, :-1], targets=y[:, 1:]),)
+    loss_of = make_loss(model, mtp=True, chunked_loss=True)
     model.zero_grad(set_to_none=True)
     loss_of(x, y)[0].backward()
     names = [n for n, p in model.named_parameters() if p.grad is not None]

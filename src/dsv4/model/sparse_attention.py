@@ -56,9 +56,15 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
     backward is the Triton kernel of sparse_attention_bwd.py instead of FlexAttention's."""
     if needs_grad(q, kv, comp, sink) and Backward.triton and sparse_attention_bwd.available(q) and _backward_compiles(q):
         return _sparse_mqa(q, kv, comp, sink, sel, window, ratio, kernel_options)
-    if Forward.triton and sparse_attention_fwd.available(q) and not needs_grad(q, kv, comp, sink):
-        return sparse_attention_fwd.forward(q, kv, 0, 0, comp, sel, sink, window, ratio)[0]
-    return _with_sink(*_forward(q, kv, comp, sel, window, ratio, kernel_options), sink)[0]
+    return _output_and_lse(q, kv, comp, sel, sink, window, ratio, kernel_options)[0]
+
+
+def _output_and_lse(q, kv, comp, sel, sink, window, ratio, kernel_options) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward, sink included: -> o [b,L,h,d] (q's dtype), log-denominator [b,L,h] fp32 — by the Triton
+    forward where `Forward.triton` and it runs here, otherwise by FlexAttention."""
+    if Forward.triton and sparse_attention_fwd.available(q):
+        return sparse_attention_fwd.forward(q, kv, 0, 0, comp, sel, sink, window, ratio)
+    return _with_sink(*_forward(q, kv, comp, sel, window, ratio, kernel_options), sink)
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -133,17 +139,13 @@ def _backward_compiles(q: torch.Tensor) -> bool:
 
 
 class _SparseMQA(torch.autograd.Function):
-    """FlexAttention forward, Triton backward (one program per token walking exactly its keys)."""
+    """FlexAttention (or Triton) forward, Triton backward (one program per token walking exactly its keys)."""
 
     @staticmethod
     def forward(ctx, q, kv, comp, sink, sel, window, ratio, kernel_options):
         with torch.no_grad():
-            c = None if comp is None else comp.detach()
-            if Forward.triton and sparse_attention_fwd.available(q):
-                out, lse_all = sparse_attention_fwd.forward(q.detach(), kv.detach(), 0, 0, c, sel, sink, window, ratio)
-            else:
-                out, lse_all = _with_sink(*_forward(q.detach(), kv.detach(), c, sel, window, ratio, kernel_options),
-                                          sink)
+            out, lse_all = _output_and_lse(q.detach(), kv.detach(), None if comp is None else comp.detach(), sel,
+                                           sink, window, ratio, kernel_options)
         ctx.save_for_backward(q, kv, comp, sel, out, lse_all, sink)
         ctx.window, ctx.ratio = window, ratio
         return out

@@ -153,15 +153,23 @@ def available(q: torch.Tensor) -> bool:
     return indexer_kernel.available(q) and d >= 16 and not d & (d - 1)
 
 
+def key_layout(q: torch.Tensor, raw: torch.Tensor, comp: torch.Tensor | None, sel: torch.Tensor | None):
+    """What the kernels walk after the window band -> (MODE: 0 nothing, 1 every visible entry (HCA), 2 the CSA
+    picks; the entries in q's dtype, contiguous (raw as a placeholder pointer when none); the picks as int32, or
+    a placeholder)."""
+    mode = 0 if comp is None or comp.shape[1] == 0 else (2 if sel is not None else 1)
+    comp_c = comp.to(q.dtype).contiguous() if mode else raw
+    sel_c = sel.to(torch.int32).contiguous() if mode == 2 else torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
+    return mode, comp_c, sel_c
+
+
 def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     """Gradients of the sparse MQA: q/o/do [b,L,h,d] (o: the forward's output), kv [b,L,d], comp [b,N,d] or None, sel [b,L,k] or None,
     lse [b,L,h] fp32 (sink in the denominator), sink [h] -> dq (q's dtype), dkv, dcomp (fp32), dsink [h]."""
     b, L, h, d = q.shape
     q, kv, lse = q.contiguous(), kv.to(q.dtype).contiguous(), lse.float().contiguous()
     o, do = o.to(q.dtype).contiguous(), do.to(q.dtype).contiguous()
-    mode = 0 if comp is None or comp.shape[1] == 0 else (2 if sel is not None else 1)
-    comp_c = comp.to(q.dtype).contiguous() if mode else kv
-    sel_c = sel.to(torch.int32).contiguous() if mode == 2 else torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
+    mode, comp_c, sel_c = key_layout(q, kv, comp, sel)
     dq = torch.empty_like(q)
     by_keys = Config.window_dkv == "keys"
     dkv = (torch.empty if by_keys else torch.zeros)(b, L, d, dtype=torch.float32, device=q.device)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from . import indexer_kernel
 from .indexer_kernel import triton
+from .sparse_attention_bwd import available, key_layout  # noqa: F401 - available: where this kernel runs too
 
 if triton is not None:
     import triton.language as tl
@@ -87,12 +87,6 @@ class Config:
     key_block = 32            # keys per tile of the walk
 
 
-def available(q: torch.Tensor) -> bool:
-    """Triton runs where q lives and the head size suits tl.dot (a power of two ≥ 16)."""
-    d = q.shape[-1]
-    return indexer_kernel.available(q) and d >= 16 and not d & (d - 1)
-
-
 def forward(q: torch.Tensor, raw: torch.Tensor, raw_start: int, t0: int, comp: torch.Tensor | None,
             sel: torch.Tensor | None, sink: torch.Tensor, window: int, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q [b,L,h,d] at positions t0 … t0+L−1; raw [b,R,d] raw KV of positions raw_start … (it must hold each
@@ -104,9 +98,7 @@ def forward(q: torch.Tensor, raw: torch.Tensor, raw_start: int, t0: int, comp: t
         raise ValueError(f"sparse attention: raw KV holds positions {raw_start}…{raw_start + raw.shape[1] - 1}, "
                          f"queries reach {t0 + L - 1}")
     q, raw = q.contiguous(), raw.to(q.dtype).contiguous()
-    mode = 0 if comp is None or comp.shape[1] == 0 else (2 if sel is not None else 1)
-    comp_c = comp.to(q.dtype).contiguous() if mode else raw
-    sel_c = sel.to(torch.int32).contiguous() if mode == 2 else torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
+    mode, comp_c, sel_c = key_layout(q, raw, comp, sel)
     o = torch.empty_like(q)
     lse = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
     HG = Config.head_group
