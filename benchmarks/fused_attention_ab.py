@@ -74,6 +74,7 @@ def check(cfg) -> None:
 
 
 def train(cfg, model, deadline) -> None:
+    default_fwd = sparse_attention.Forward.triton
     model.train()
     for b, s in [(1, 4096), (2, 4096)]:
         ids = torch.randint(0, cfg.vocab_size, (b, s), device="cuda")
@@ -99,7 +100,7 @@ def train(cfg, model, deadline) -> None:
             log(what="train", fused=fused, forward="triton" if triton_fwd else ("flex" if fused else "reference"),
                 backward=f"triton ({window_dkv})" if triton_bwd else "reference", batch=b, seq=s, s=t,
                 tok_s=b * s / t, warmup_s=warm, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
-        sparse_attention.Forward.triton = False
+        sparse_attention.Forward.triton = default_fwd
         torch.cuda.empty_cache()
 
 
@@ -187,6 +188,8 @@ def prefill_long(cfg, model, deadline) -> None:
 
 @torch.no_grad()
 def prefill_cached(cfg, model, deadline) -> None:
+    default_cached = Attention.fused_cached
+
     def paths(fused):
         set_fused(False, True)
         Attention.fused = True                 # (fused_cached acts through the cache only; fused_training off)
@@ -194,7 +197,7 @@ def prefill_cached(cfg, model, deadline) -> None:
     _prefill_ab(cfg, model, deadline, (65536, 262144), "chunked 8192 via KV cache", "attention_fused_cached", paths,
                 lambda ids: prefill(model, ids, model.new_caches(1, ids.shape[1], mtp=False), chunk=8192),
                 warm_up=lambda seq: seq <= 65536, reps=1)
-    Attention.fused_cached = False
+    Attention.fused_cached = default_cached
 
 
 @torch.no_grad()

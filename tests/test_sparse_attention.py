@@ -29,10 +29,10 @@ def test_fused_forward_equals_reference(flex_anywhere, monkeypatch, seq, forward
     tokens span several query blocks and key blocks, and more compressed entries than a block. 'triton': the
     Triton forward (Forward.triton; one program per token and group of heads over exactly its keys, online
     softmax, then the sink) instead of FlexAttention, checked to have run in every layer."""
+    monkeypatch.setattr(sparse_attention.Forward, "triton", forward == "triton")
     if forward == "triton":
         if not _triton_here():
             pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
-        monkeypatch.setattr(sparse_attention.Forward, "triton", True)
         calls = _count_calls(monkeypatch)
     model = random_tiny(4).float().to(flex_anywhere)
     assert model.cfg.index_topk < seq // 4 and {0, 4}.issubset(model.cfg.compress_ratios)
@@ -64,6 +64,7 @@ def test_fused_gradients_equal_reference(monkeypatch):
     """FlexAttention's own backward (Backward.triton off) gives the reference gradients."""
     monkeypatch.setattr(Attention, "fused_training", True)
     monkeypatch.setattr(sparse_attention.Backward, "triton", False)
+    monkeypatch.setattr(sparse_attention.Forward, "triton", False)
     model = random_tiny(5).float().cuda().train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1)).cuda()
     grads = _reference_and_fused_grads(model, ids, monkeypatch)
@@ -90,6 +91,7 @@ def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv
     monkeypatch.setattr(sparse_attention_bwd.Config, "window_dkv", window_dkv)
     monkeypatch.setattr(Attention, "fused_training", True)
     monkeypatch.setattr(sparse_attention.Backward, "triton", True)
+    monkeypatch.setattr(sparse_attention.Forward, "triton", False)      # (both Triton kernels: test below)
     model = random_tiny(6, num_attention_heads=heads).float().to(flex_anywhere).train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 90), generator=torch.Generator().manual_seed(3)).to(flex_anywhere)
     grads = _reference_and_fused_grads(model, ids, monkeypatch)
@@ -106,6 +108,7 @@ def test_kernel_failure_falls_back_to_reference(flex_anywhere, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
     monkeypatch.setattr(sparse_attention, "_forward", broken)
+    monkeypatch.setattr(sparse_attention.Forward, "triton", False)        # the FlexAttention path fails here
     monkeypatch.setattr(sparse_attention.Unavailable, "reason", None)
     with torch.no_grad():
         monkeypatch.setattr(Attention, "fused", False)

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from dsv4.model import MoE
 from dsv4.train.recipe import AnticipatoryRouting, SpikeDetector, compute_loss, update_gate_biases
-from dsv4.train.trainer import TrainConfig, TrainError, Trainer
+from dsv4.train.trainer import TrainConfig, TrainError, Trainer, _device
 from conftest import random_tiny
 
 
@@ -205,6 +205,17 @@ def test_cuda_graph_training_follows_eager_training(tmp_path, shards):
 
 
 # ---------------------------------------------------------------------------------------- schedules / config
+def test_device_names_get_the_process_gpu_index(monkeypatch):
+    """`--device cuda` names no index; torch.cuda.set_device refuses such a device (seen on an H100: ValueError
+    "Expected a torch.device with a specified index"), so it gets this process's GPU, as 'auto' does."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _device(TrainConfig(device="cuda")) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _device(TrainConfig(device="cuda")) == torch.device("cuda", 3)
+    assert _device(TrainConfig(device="cuda:1")) == torch.device("cuda", 1)
+    assert _device(TrainConfig(device="cpu")) == torch.device("cpu")
+
+
 def test_progressive_sequence_length(tmp_path, shards):
     t = Trainer(_tc(tmp_path, shards, steps=3, seq=16, seq_schedule=[[0, 16], [2, 32]], mtp_weight=0.0))
     hist = [t.train_step() for _ in range(3)]

@@ -132,8 +132,8 @@ class Attention(nn.Module):
     query_chunk = 512
     fused = True             # one-pass calls on CUDA (prefill, scoring, training) use FlexAttention (sparse_attention.py)
     fused_training = True    # False: training keeps the reference path (backward: sparse_attention_bwd.py on CUDA)
-    fused_cached = False     # True: calls through a KV cache (chunked prefill) use the Triton forward
-                             # (sparse_attention_fwd.py); off until measured on a GPU
+    fused_cached = True      # chunks through a KV cache (chunked prefill, L > 1) use the Triton forward
+                             # (sparse_attention_fwd.py); decode steps (L = 1) keep the reference path
     csa_mask_factor = 4      # CSA picks applied as a mask while n_compressed ≤ factor · top-k, gathered beyond
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
@@ -218,7 +218,7 @@ class Attention(nn.Module):
             o = sparse_attention.attend_or_none(q, kv, comp, idx_sel, self.attn_sink, self.window, self.ratio)
             if o is not None:                        # None: the kernel cannot compile here (warned once)
                 return self._output(o.to(x.dtype), cos, sin)
-        if (self.fused and self.fused_cached and cache is not None and self.recorder is None
+        if (self.fused and self.fused_cached and cache is not None and L > 1 and self.recorder is None
                 and sparse_attention_fwd.available(q) and not sparse_attention.needs_grad(q, kv, comp, self.attn_sink)):
             o, _ = sparse_attention_fwd.forward(q, raw, raw_start, start_pos, comp, idx_sel, self.attn_sink,
                                                 self.window, self.ratio)

@@ -84,7 +84,8 @@ class Backward:
 
 
 class Forward:
-    triton = False           # True: the Triton forward (sparse_attention_fwd.py) instead of FlexAttention's
+    triton = True            # the Triton forward (sparse_attention_fwd.py; 4-6x faster per layer than FlexAttention's
+                             # on an H100 at b2x4096, benchmarks/results/2026-11-23_h100_fwd); False: FlexAttention
 
 
 class Unavailable:

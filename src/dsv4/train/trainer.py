@@ -138,11 +138,13 @@ class TrainConfig:
 
 
 def _device(tc: TrainConfig) -> torch.device:
-    if tc.device != "auto":
-        return torch.device(tc.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """'auto' -> this process's GPU (LOCAL_RANK under torchrun) or the CPU; 'cuda' without an index gets the same
+    index (torch.cuda.set_device needs one)."""
+    dev = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else
+                       "cpu" if tc.device == "auto" else tc.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return dev
 
 
 def _rng_state() -> dict:
