@@ -193,6 +193,33 @@ def graph_check(model, cfg, out: Path) -> bool:
     return True
 
 
+def ab_train(cfg, model, deadline: float, variants, shapes=((1, 4096), (2, 4096))) -> None:
+    """A/B of training paths in one process: per batch shape, for each (switch, labels) in `variants`, call
+    switch() (it sets the path), two warm-up LM-loss steps, then the median of 3 timed ones -> one 'train'
+    record with the labels (tok/s, warm-up seconds, peak GiB). Stops at the deadline."""
+    model.train()
+    for b, s in shapes:
+        ids = torch.randint(0, cfg.vocab_size, (b, s), device="cuda")
+
+        def step():
+            loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        for switch, labels in variants:
+            if time.time() > deadline:
+                return
+            switch()
+            t0 = time.perf_counter()
+            step()
+            step()
+            warm = time.perf_counter() - t0
+            torch.cuda.reset_peak_memory_stats()
+            t = timed(step, 3)
+            log(what="train", **labels, batch=b, seq=s, s=t, tok_s=b * s / t, warmup_s=warm,
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+        torch.cuda.empty_cache()
+
+
 def loss_and_grads(model, ids) -> tuple[float, torch.Tensor]:
     """LM loss and all gradients (flattened, fp32) of one training step: compiled blocks must reproduce them."""
     model.train()

@@ -20,7 +20,6 @@ Writes DIR/fused_ab.json after every record.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,23 +32,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from bench_gpu import build, timed  # noqa: E402
+import bench_gpu  # noqa: E402
+from bench_gpu import ab_train, build, log, timed  # noqa: E402
 from dsv4.config import load_config  # noqa: E402
 from dsv4.inference.generate import prefill  # noqa: E402
 from dsv4.model import (Transformer, init_weights, sparse_attention, sparse_attention_bwd,  # noqa: E402
                         sparse_attention_fwd)
 from dsv4.model.attention import Attention, Indexer  # noqa: E402
-
-RESULTS: list[dict] = []
-OUT: Path | None = None
-
-
-def log(**kw) -> None:
-    RESULTS.append(kw)
-    print(json.dumps(kw), flush=True)
-    if OUT is not None:
-        OUT.write_text(json.dumps(RESULTS, indent=1))
-
 
 def set_fused(attn: bool, indexer: bool) -> None:
     Attention.fused = Attention.fused_training = attn
@@ -75,33 +64,18 @@ def check(cfg) -> None:
 
 def train(cfg, model, deadline) -> None:
     default_fwd = sparse_attention.Forward.triton
-    model.train()
-    for b, s in [(1, 4096), (2, 4096)]:
-        ids = torch.randint(0, cfg.vocab_size, (b, s), device="cuda")
 
-        def step():
-            loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        for fused, triton_bwd, window_dkv, triton_fwd in ((False, False, "keys", False), (True, True, "atomic", False),
-                                                          (True, True, "keys", False), (True, True, "keys", True)):
-            if time.time() > deadline:
-                return
+    def variant(fused, triton_bwd, window_dkv, triton_fwd):
+        def switch():
             set_fused(fused, fused)
             sparse_attention.Backward.triton = triton_bwd
             sparse_attention.Forward.triton = triton_fwd
             sparse_attention_bwd.Config.window_dkv = window_dkv
-            t0 = time.perf_counter()
-            step()
-            step()
-            warm = time.perf_counter() - t0
-            torch.cuda.reset_peak_memory_stats()
-            t = timed(step, 3)
-            log(what="train", fused=fused, forward="triton" if triton_fwd else ("flex" if fused else "reference"),
-                backward=f"triton ({window_dkv})" if triton_bwd else "reference", batch=b, seq=s, s=t,
-                tok_s=b * s / t, warmup_s=warm, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
-        sparse_attention.Forward.triton = default_fwd
-        torch.cuda.empty_cache()
+        return switch, dict(fused=fused, forward="triton" if triton_fwd else ("flex" if fused else "reference"),
+                            backward=f"triton ({window_dkv})" if triton_bwd else "reference")
+    ab_train(cfg, model, deadline, [variant(False, False, "keys", False), variant(True, True, "atomic", False),
+                                    variant(True, True, "keys", False), variant(True, True, "keys", True)])
+    sparse_attention.Forward.triton = default_fwd
 
 
 def _layer_inputs(cfg, h: int):
@@ -214,7 +188,6 @@ def decode_eager(cfg, model, deadline) -> None:
 
 
 def main() -> int:
-    global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
@@ -225,7 +198,7 @@ def main() -> int:
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    OUT = Path(args.out) / "fused_ab.json"
+    bench_gpu.OUT_JSON = Path(args.out) / "fused_ab.json"
     cfg = load_config(args.config)
     log(what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
     sections = args.sections.split(",")

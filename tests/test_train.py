@@ -101,6 +101,28 @@ def test_mtp_loss_reaches_the_mtp_block():
     assert model.mtp[0].e_proj.weight.grad is None         # weight 0: the MTP block is not trained
 
 
+def test_balance_losses_live_only_inside_compute_loss():
+    """A training forward outside the recipe keeps no balance loss (its autograd graph would stay alive through
+    the MoE layers: in a CUDA-graph capture that broke the backward); compute_loss's balance part is the mean of
+    the layers' sequence-wise losses, reaches the gates' weights, and leaves nothing behind."""
+    model = random_tiny(2).train()
+    moes = [m for m in model.modules() if isinstance(m, MoE) and not m.gate.hash]
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(2))
+    x, y = ids[:, :-1], ids[:, 1:]
+    model(x)
+    assert moes and all(m.aux_loss is None for m in moes)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(mod.aux_loss.detach())) for m in moes]
+    parts = compute_loss(model, x, y, mtp_weight=0.3, balance_weight=1e-2)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(moes) and torch.allclose(parts.balance.detach(), torch.stack(seen).mean())
+    assert all(m.aux_loss is None and not m.collect_balance for m in moes)
+    parts.balance.backward()
+    assert all(m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0 for m in moes)
+    assert compute_loss(model, x, y, balance_weight=0.0).balance is None
+
+
 @pytest.mark.parametrize("chunk", [7, 4096])            # ragged chunks, and one chunk for everything
 def test_chunked_loss_equals_loss_of_full_logits(monkeypatch, chunk):
     """The training losses (head + cross-entropy in checkpointed chunks) equal cross-entropy over the full

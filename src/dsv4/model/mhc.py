@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import sinkhorn_kernel
+from . import hc_mix_kernel, sinkhorn_kernel
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -29,13 +29,21 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
+def hc_mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """h [b, s, n, D], fn [m, n·D] -> (x @ fnᵀ) · rsqrt(mean(x²) + eps) [b, s, m] fp32, x the flattened streams
+    in fp32 (as the official code mixes). By one Triton kernel where `Fusion.mix_kernel` and Triton runs here."""
+    if Fusion.enabled and Fusion.mix_kernel and hc_mix_kernel.available(h):
+        return hc_mix_kernel.mixes(h.flatten(2), fn.float(), norm_eps)
+    x = h.flatten(2).float()                                                   # [b, s, n·D]
+    return F.linear(x, fn.float()) * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+
+
 def hc_maps(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
             hc_eps: float, norm_eps: float, kind: str = "mhc") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h [b, s, n, D] with fn [(2+n)·n, n·D], base [(2+n)·n], scale [3] -> pre [b,s,n], post [b,s,n],
     comb [b,s,n,n] (fp32). kind 'mhc' projects comb with Sinkhorn; 'hc' leaves it unconstrained (ablation)."""
     n = h.shape[2]
-    x = h.flatten(2).float()                                                   # [b, s, n·D]
-    mixes = F.linear(x, fn.float()) * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+    mixes = hc_mixes(h, fn, norm_eps)                                          # [b, s, (2+n)·n]
     scale, base = scale.float(), base.float()
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps
     post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
@@ -60,8 +68,7 @@ def hc_expand(y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.
 def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
             hc_eps: float, norm_eps: float) -> torch.Tensor:
     """Final collapse before the output norm: pre weights only, fn [n, n·D], base [n], scale [1]."""
-    x = h.flatten(2).float()
-    mixes = F.linear(x, fn.float()) * torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+    mixes = hc_mixes(h, fn, norm_eps)                                          # [b, s, n]
     pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps                  # [b, s, n]
     return hc_collapse(h, pre)
 
@@ -78,8 +85,10 @@ class Fusion:
     CUDA they are compiled (torch.compile / inductor) into a few fused kernels, forward and backward, and
     Sinkhorn runs as one Triton kernel (`sinkhorn_kernel`; inductor would emit one kernel per normalisation).
     `enabled` False keeps the eager functions everywhere; off CUDA and inside an outer torch.compile they run
-    eagerly."""
+    eagerly. `mix_kernel`: the mixing projection + norm by one Triton kernel per direction (`hc_mix_kernel`)
+    instead of an fp32 copy and cuBLAS's skinny fp32 GEMM; off until measured on a GPU."""
     enabled = True
+    mix_kernel = False
 
 
 def fused(fn: Callable) -> Callable:

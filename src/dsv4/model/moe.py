@@ -101,6 +101,10 @@ class MoE(nn.Module):
         self.last_counts: torch.Tensor | None = None     # tokens per expert of the last call
         # training: load accumulated since the last bias update, and the sequence-wise balance loss
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # the sequence-wise balance loss of the last forward, computed only while a training recipe collects it
+        # (`collect_balance`, set around its forward by train.recipe.compute_loss): a forward nobody takes a loss
+        # from then keeps no autograd graph alive through this module (nor pays for the extra scoring)
+        self.collect_balance = False
         self.aux_loss: torch.Tensor | None = None
         self.topk = cfg.num_experts_per_tok
         # (w13 [E, 2I, D], w2 [E, D, I]) stacked once by an inference caller (see `stack_experts`); None: stacked
@@ -126,7 +130,8 @@ class MoE(nn.Module):
         self.last_counts = counts.detach()
         if self.training and not self.gate.hash:
             self.load += counts.to(self.load.dtype)
-            self.aux_loss = self._sequence_balance_loss(x.view(shape), idx.view(*shape[:-1], -1))
+            if self.collect_balance:
+                self.aux_loss = self._sequence_balance_loss(x.view(shape), idx.view(*shape[:-1], -1))
         if self._grouped(x):
             self._routed_grouped(x, w, idx, counts, y)
         else:

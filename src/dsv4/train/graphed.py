@@ -66,23 +66,20 @@ class GraphedStep:
                 p.grad = torch.zeros_like(p)
         return params
 
-    def _drop_stale_graphs(self) -> None:
+    def _redirect_stale_streams(self) -> None:
         """Autograd remembers, in each parameter's gradient-accumulation node, the stream of the forward that
         created the node, and reuses the node while any graph holding it lives. A graph kept from an earlier
-        forward on the default stream (the MoE layers' balance loss of a forward whose loss nobody consumed, say)
-        makes the captured backward touch the default stream, which a capture forbids ("operation would make
-        the legacy stream depend on a capturing blocking stream"). Dropping those graphs lets the nodes be
-        created anew on the capture stream; torch versions that can redirect stale streams are told to (a
-        process-wide autograd setting, which only changes what happens during captures)."""
-        for m in self.model.modules():
-            if getattr(m, "aux_loss", None) is not None:
-                m.aux_loss = None
+        forward on the default stream makes the captured backward touch the default stream, which a capture
+        forbids ("operation would make the legacy stream depend on a capturing blocking stream"; seen on an H100
+        when the MoE layers still kept every training forward's balance loss — they keep it now only inside
+        `compute_loss`). Torch versions that can redirect such stale streams are told to (a process-wide autograd
+        setting, which only changes what happens during captures)."""
         override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
         if override is not None:
             override(True)
 
     def _eager(self, inputs) -> tuple[torch.Tensor, ...]:
-        self._drop_stale_graphs()
+        self._redirect_stale_streams()
         self._params()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -93,7 +90,7 @@ class GraphedStep:
         return tuple(o.detach() for o in outs)
 
     def _capture(self, key, inputs) -> None:
-        self._drop_stale_graphs()
+        self._redirect_stale_streams()
         params = self._params()                   # the graph adds into these gradients
         grads = [p.grad for p in params]
         static_in = tuple(x.clone() for x in inputs)

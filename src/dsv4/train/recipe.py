@@ -23,21 +23,26 @@ class LossParts:
 def compute_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3,
                  balance_weight: float = 1e-4) -> LossParts:
     """inputs/targets [b, s] (targets = inputs shifted by one). The MTP block at position t sees the main
-    streams h_t and the embedding of token t+1 (= targets[t]) and predicts token t+2 (= targets[t+1])."""
-    lm, h = model(inputs, return_hidden=True, targets=targets)      # head + cross-entropy in chunks
-    total = lm
-    mtp = None
-    if mtp_weight > 0 and len(model.mtp) and inputs.shape[1] > 1:
-        mtp = model.mtp_forward(h[:, :-1], targets[:, :-1], targets=targets[:, 1:])
-        total = total + mtp_weight * mtp
-    balance = None
-    aux = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
-    if aux and balance_weight > 0:
-        balance = torch.stack(aux).mean()
-        total = total + balance_weight * balance
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.aux_loss = None
+    streams h_t and the embedding of token t+1 (= targets[t]) and predicts token t+2 (= targets[t+1]). The MoE
+    layers compute their sequence-wise balance losses only during this call (and only with balance_weight > 0)."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in moes:
+        m.collect_balance, m.aux_loss = balance_weight > 0, None
+    try:
+        lm, h = model(inputs, return_hidden=True, targets=targets)      # head + cross-entropy in chunks
+        total = lm
+        mtp = None
+        if mtp_weight > 0 and len(model.mtp) and inputs.shape[1] > 1:
+            mtp = model.mtp_forward(h[:, :-1], targets[:, :-1], targets=targets[:, 1:])
+            total = total + mtp_weight * mtp
+        balance = None
+        aux = [m.aux_loss for m in moes if m.aux_loss is not None]
+        if aux:
+            balance = torch.stack(aux).mean()
+            total = total + balance_weight * balance
+    finally:
+        for m in moes:
+            m.collect_balance, m.aux_loss = False, None
     return LossParts(total, lm, mtp, balance)
 
 

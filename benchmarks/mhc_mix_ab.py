@@ -1,0 +1,125 @@
+"""A/B of mHC's mixing projection on one GPU (bench config): PyTorch ops (an fp32 copy of the streams, cuBLAS's
+fp32 GEMM with 24 output columns, the norm) against the Triton kernel (`model/hc_mix_kernel.py`,
+`Fusion.mix_kernel`), in one process.
+
+    python benchmarks/mhc_mix_ab.py --out DIR [--sections check,op,train] [--budget-s 300]
+
+  check  fp32 bench model, 2048 tokens: loss and every gradient, kernel off vs on
+  op     one compiled hc_pre (maps, Sinkhorn, collapse) forward + backward at b2x4096, streams in bf16 (a bf16
+         model) and fp32 (`dsv4 train`: fp32 weights under autocast): ms, and how far apart outputs and
+         gradients are
+  train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss, bf16 model), kernel off vs on
+Writes DIR/mhc_mix_ab.json after every record.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+import bench_gpu  # noqa: E402
+from bench_gpu import ab_train, build, log, loss_and_grads, timed  # noqa: E402
+from dsv4.config import load_config  # noqa: E402
+from dsv4.model import Transformer, init_weights  # noqa: E402
+from dsv4.model.mhc import Fusion, hc_pre_fast  # noqa: E402
+
+def use_kernel(on: bool) -> None:
+    """Switch, and drop compiled graphs so that the compiled mHC functions are traced again with it."""
+    Fusion.mix_kernel = on
+    torch._dynamo.reset()
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / (b.float().norm() + 1e-30))
+
+
+def check(cfg) -> None:
+    """All gradients together, not the worst tensor: a 1e-7 difference can flip one token's experts (seen on a
+    CPU stand-in: 1 token of 2048) and move a small, cancelling gradient such as the final collapse's scale."""
+    torch.manual_seed(0)
+    model = init_weights(Transformer(cfg), seed=0).cuda().float()
+    ids = torch.randint(0, cfg.vocab_size, (1, 2048), device="cuda")
+    res = []
+    for on in (False, True):
+        use_kernel(on)
+        res.append(loss_and_grads(model, ids))
+    log(what="check_fp32", seq=2048, loss_off=res[0][0], loss_on=res[1][0], grad_rel=_rel(res[1][1], res[0][1]))
+    del model
+    torch.cuda.empty_cache()
+
+
+def op(cfg) -> None:
+    n, D = cfg.hc_mult, cfg.hidden_size
+    g = torch.Generator().manual_seed(0)
+    fn = (torch.randn((2 + n) * n, n * D, generator=g) * 0.02).cuda().requires_grad_()
+    base, scale = torch.randn((2 + n) * n, generator=g).cuda(), torch.rand(3, generator=g).cuda()
+    for dtype in (torch.bfloat16, torch.float32):
+        h0 = torch.randn(2, 4096, n, D, generator=g).to("cuda", dtype)
+        outs = {}
+        for on in (False, True):
+            use_kernel(on)
+            h = h0.clone().requires_grad_()
+
+            def step():
+                x, post, comb = hc_pre_fast(h, fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+                (x.float().square().mean() + post.square().mean() + comb.square().mean()).backward()
+                return x, post, comb
+            for _ in range(2):
+                h.grad = fn.grad = None
+                step()
+            h.grad = fn.grad = None
+            x, post, comb = step()
+            outs[on] = (x.detach(), post.detach(), comb.detach(), h.grad.clone(), fn.grad.clone())
+
+            def again():
+                h.grad = fn.grad = None
+                step()
+            log(what="hc_pre", streams=str(dtype).replace("torch.", ""), kernel=on, batch=2, seq=4096,
+                ms=timed(again, 5) * 1e3)
+        names = ("x", "post", "comb", "d_streams", "d_fn")
+        log(what="hc_pre_diff", streams=str(dtype).replace("torch.", ""),
+            **{f"{k}_rel": _rel(a, b) for k, a, b in zip(names, outs[True], outs[False])})
+
+
+def train(cfg, model, deadline) -> None:
+    # twice each, interleaved: the host-bound rows drift within a process
+    ab_train(cfg, model, deadline, [((lambda on=on: use_kernel(on)), dict(kernel=on)) for on in (False, True) * 2])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--config", default=str(HERE / "bench_small.json"))
+    ap.add_argument("--sections", default="check,op,train")
+    ap.add_argument("--budget-s", type=float, default=300)
+    args = ap.parse_args()
+    deadline = time.time() + args.budget_s
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    bench_gpu.OUT_JSON = Path(args.out) / "mhc_mix_ab.json"
+    cfg = load_config(args.config)
+    log(what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    sections = args.sections.split(",")
+    default = Fusion.mix_kernel
+    if "check" in sections:
+        check(cfg)
+    if "op" in sections:
+        op(cfg)
+    if "train" in sections:
+        model = build(cfg)
+        Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
+        train(cfg, model, deadline)
+    use_kernel(default)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
