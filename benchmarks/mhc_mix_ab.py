@@ -2,12 +2,14 @@
 fp32 GEMM with 24 output columns, the norm) against the Triton kernel (`model/hc_mix_kernel.py`,
 `Fusion.mix_kernel`), in one process.
 
-    python benchmarks/mhc_mix_ab.py --out DIR [--sections check,op,train] [--budget-s 300]
+    python benchmarks/mhc_mix_ab.py --out DIR [--sections check,op,sweep,train] [--budget-s 300]
 
   check  fp32 bench model, 2048 tokens: loss and every gradient, kernel off vs on
   op     one compiled hc_pre (maps, Sinkhorn, collapse) forward + backward at b2x4096, streams in bf16 (a bf16
          model) and fp32 (`dsv4 train`: fp32 weights under autocast): ms, and how far apart outputs and
          gradients are
+  sweep  the kernels alone at b2x4096 (bf16 streams, 24 maps): forward and backward ms for tile sizes
+         (hc_mix_kernel.Config rows x cols), against the PyTorch ops (fp32 copy, cuBLAS GEMM, norm)
   train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss, bf16 model), kernel off vs on
 Writes DIR/mhc_mix_ab.json after every record.
 """
@@ -90,6 +92,31 @@ def op(cfg) -> None:
             **{f"{k}_rel": _rel(a, b) for k, a, b in zip(names, outs[True], outs[False])})
 
 
+def sweep(cfg) -> None:
+    from dsv4.model import hc_mix_kernel
+    n, D = cfg.hc_mult, cfg.hidden_size
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * 4096, n * D, generator=g).to("cuda", torch.bfloat16)
+    fn = (torch.randn((2 + n) * n, n * D, generator=g) * 0.02).cuda()
+    grad = torch.randn(x.shape[0], fn.shape[0], generator=g).cuda()
+
+    def reference():
+        xf = x.float().requires_grad_()
+        fr = fn.clone().requires_grad_()
+        y = F.linear(xf, fr) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + cfg.rms_norm_eps)
+        y.backward(grad)
+    log(what="mix_kernel", impl="pytorch (fp32 copy + cuBLAS)", fwd_bwd_ms=timed(reference, 5) * 1e3)
+    default = (hc_mix_kernel.Config.rows, hc_mix_kernel.Config.cols)
+    for rows in (16, 32, 64):
+        for cols in (64, 128):
+            hc_mix_kernel.Config.rows, hc_mix_kernel.Config.cols = rows, cols
+            mix, rstd = torch.ops.dsv4.hc_mixes(x, fn, cfg.rms_norm_eps)
+            fwd = timed(lambda: torch.ops.dsv4.hc_mixes(x, fn, cfg.rms_norm_eps), 5)
+            bwd = timed(lambda: torch.ops.dsv4.hc_mixes_backward(x, fn, mix, rstd, grad), 5)
+            log(what="mix_kernel", impl="triton", rows=rows, cols=cols, fwd_ms=fwd * 1e3, bwd_ms=bwd * 1e3)
+    hc_mix_kernel.Config.rows, hc_mix_kernel.Config.cols = default
+
+
 def train(cfg, model, deadline) -> None:
     # twice each, interleaved: the host-bound rows drift within a process
     ab_train(cfg, model, deadline, [((lambda on=on: use_kernel(on)), dict(kernel=on)) for on in (False, True) * 2])
@@ -99,7 +126,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
-    ap.add_argument("--sections", default="check,op,train")
+    ap.add_argument("--sections", default="check,op,sweep,train")
     ap.add_argument("--budget-s", type=float, default=300)
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
@@ -113,6 +140,8 @@ def main() -> int:
         check(cfg)
     if "op" in sections:
         op(cfg)
+    if "sweep" in sections:
+        sweep(cfg)
     if "train" in sections:
         model = build(cfg)
         Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
