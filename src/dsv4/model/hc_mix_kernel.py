@@ -2,10 +2,11 @@
 
 x is the flattened residual streams of every token ([M, K], K = n·D: 4096 on the bench model, 16384 on V4-Flash)
 and fn has only (2+n)·n = 24 rows (n for the final collapse). As PyTorch ops that is an fp32 copy of x (the
-official code mixes in fp32), a full-precision GEMM with 24 output columns — cuBLAS runs such skinny fp32
-GEMMs far below the memory bound (~0.46 ms per sublayer forward at b2×4096 on an H100, ~17 ms of a training
-step's 226 ms of GPU time with their backward) — and the norm over the same rows. Here one pass over x, read in
-its own dtype, gives the mixes and the norm; the products are exact fp32 (`input_precision="ieee"`).
+official code mixes in fp32), a full-precision GEMM with 24 output columns on cuBLAS's SIMT kernels (a b2×4096
+training step on an H100 spent ~18 ms of its 226 ms of GPU time in fp32 SIMT GEMMs, 16–18 calls per kernel:
+the count of these mixes, and also of the compressors' fp32 GEMMs — which is which was not resolved), and the
+norm over the same rows. Here one pass over x, read in its own dtype, gives the mixes and the norm; the products
+are exact fp32 (`input_precision="ieee"`).
 
 Backward, with r = rsqrt(mean(x²) + eps) per row and g = dL/dmixes:
     dx  = (g·r) @ fn − (Σ_n g·mixes) · r² · x / K          (the second term: the norm's own gradient)
