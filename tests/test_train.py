@@ -101,6 +101,18 @@ def test_mtp_loss_reaches_the_mtp_block():
     assert model.mtp[0].e_proj.weight.grad is None         # weight 0: the MTP block is not trained
 
 
+def test_cpu_steps_run_deterministic_kernels(tmp_path, shards, monkeypatch):
+    """On the CPU each training step runs with PyTorch's deterministic kernels (with 2 threads two runs of batch
+    8 × 256 had differed in the last bits from step 2 on), and the process setting is restored after it."""
+    t = Trainer(_tc(tmp_path, shards, steps=2, seq=16, grad_accum=2))
+    seen, real = [], t._micro_step
+    monkeypatch.setattr(t, "_micro_step", lambda x, y: (seen.append(torch.are_deterministic_algorithms_enabled()),
+                                                        real(x, y))[1])
+    before = torch.are_deterministic_algorithms_enabled()
+    t.train_step()
+    assert seen == [True, True] and torch.are_deterministic_algorithms_enabled() == before
+
+
 def test_balance_losses_live_only_inside_compute_loss():
     """A training forward outside the recipe keeps no balance loss (its autograd graph would stay alive through
     the MoE layers: in a CUDA-graph capture that broke the backward); compute_loss's balance part is the mean of

@@ -17,6 +17,7 @@ one host the checkpoint directory is shared; across hosts out_dir must be on a s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -145,6 +146,25 @@ def _device(tc: TrainConfig) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return dev
+
+
+def _reproducible(method):
+    """On the CPU, the call runs with PyTorch's deterministic kernels: some CPU kernels PyTorch marks
+    nondeterministic (index_put with accumulate, the backward of the gathers) sum in an order that depends on the
+    threads, so two runs — or a run and its resumption — drifted apart in the last bits (seen with 2 threads at
+    batch 8 × 256; identical with 1 thread or with these kernels). GPUs keep their kernels (the attention
+    backward adds with atomics anyway)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.device.type != "cpu":
+            return method(self, *args, **kwargs)
+        prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+    return run
 
 
 def _rng_state() -> dict:
@@ -374,6 +394,7 @@ class Trainer:
         except DataError as e:
             raise TrainError(f"validation: {e}; or set eval_every = 0") from None
 
+    @_reproducible
     @torch.no_grad()
     def evaluate(self) -> float:
         val = self._val_loader(self.loader.seq)
@@ -386,6 +407,7 @@ class Trainer:
         self.model.train()
         return self._mean(sum(losses) / len(losses))
 
+    @_reproducible
     def train_step(self) -> dict:
         tc = self.tc
         seq = seq_len_at(self.step, [tuple(s) for s in tc.seq_schedule], tc.seq)
