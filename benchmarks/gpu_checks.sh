@@ -3,12 +3,13 @@
 #   tests    the CUDA-only tests of the newest code                                       (~2 min)
 #   mhc      the A/B of the opt-in mHC mixing kernel (benchmarks/mhc_mix_ab.py)            (~4 min)
 #   train    `dsv4 train` end to end on the small preset, eager and with --cuda-graph     (~3 min)
+#   ops      which source lines issue the step's dtype copies, cats and multiplies (op_sources.py)   (~1 min)
 #   compile  compiled blocks (`dsv4 train --compile`) with the Triton attention forward: gradients against
 #            eager, tok/s, and replayed from a CUDA graph (bench_gpu.py --sections compile,graph)   (~5 min)
 # Everything lands in $OUT (logs and JSON).
 #
-#     OUT=/some/dir PARTS="tests mhc train" bash benchmarks/gpu_checks.sh     # from the repository root
-#     OUT=/some/dir PARTS=compile bash benchmarks/gpu_checks.sh               # a second call
+#     OUT=/some/dir bash benchmarks/gpu_checks.sh                       # parts tests mhc train (< 10 min)
+#     OUT=/some/dir PARTS="ops compile" bash benchmarks/gpu_checks.sh   # a second call (< 8 min)
 #
 # Each step has its own time limit, so one hang cannot eat the call; a failing step does not stop the next.
 set -u
@@ -29,25 +30,29 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 
 # 1. CUDA-only tests of the newest code (per-test limit: a hang fails that test, not the call)
-want tests && step tests 200 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v --timeout 90 \
+want tests && step tests 150 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v --timeout 90 \
     tests/test_hc_mix_kernel.py tests/test_graphed.py \
     tests/test_train.py::test_cuda_graph_training_follows_eager_training \
     tests/test_train.py::test_balance_losses_live_only_inside_compute_loss
 want tests && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -20
 
 # 2. the mHC mixing kernel against the PyTorch ops: fp32 check, the compiled hc_pre, tile sweep, training
-want mhc && step mhc_mix_ab 260 python3 benchmarks/mhc_mix_ab.py --out "$OUT" --sections check,op,sweep,train --budget-s 200
+want mhc && step mhc_mix_ab 240 python3 benchmarks/mhc_mix_ab.py --out "$OUT" --sections check,op,sweep,train --budget-s 170
 want mhc && grep '^{' "$OUT/mhc_mix_ab.log" | cut -c1-240
 
 # 3. dsv4 train end to end on the small preset (bytes tokenizer: no download), eager then --cuda-graph
 want train && for mode in eager graph; do
     flag=""; [ "$mode" = graph ] && flag="--cuda-graph"
-    step "train_$mode" 100 python3 -m dsv4 train --preset small --tokenizer bytes --steps 40 --batch 8 --seq 1024 \
+    step "train_$mode" 90 python3 -m dsv4 train --preset small --tokenizer bytes --steps 40 --batch 8 --seq 1024 \
         --no-progress --eval-every 0 --save-every 0 --out "/tmp/dsv4_train_$mode" $flag
     cp "/tmp/dsv4_train_$mode/log.jsonl" "$OUT/train_$mode.jsonl" 2>/dev/null
     tail -n 1 "$OUT/train_$mode.jsonl" 2>/dev/null | cut -c1-240
 done
 
-# 4. compiled blocks with the Triton forward (not yet run on a GPU since it became the default)
+# 4. where the small ops of a step come from (the profile's 1,057 copies at b2x4096 had no source lines)
+want ops && step op_sources 120 python3 benchmarks/op_sources.py --out "$OUT" --batch 1 --seq 4096 --ops copy,cat,mul
+want ops && head -45 "$OUT/op_sources.txt"
+
+# 5. compiled blocks with the Triton forward (not yet run on a GPU since it became the default)
 want compile && step compile 330 python3 benchmarks/bench_gpu.py --out "$OUT" --sections compile,graph --budget-s 240
 want compile && grep '^{' "$OUT/compile.log" | cut -c1-240
