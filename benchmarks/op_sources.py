@@ -9,9 +9,9 @@ bytes it wrote. Ops run by the backward are attributed to the forward line whose
     python benchmarks/op_sources.py --out DIR [--batch 1] [--seq 1024] [--ops copy,cat,mul]
 
 On CUDA the bench config in bf16 (as bench_gpu.py's train rows), on the CPU the tiny preset (a check that it
-runs; the CPU takes other paths). Under the dispatch mode the torch.compile'd mHC functions may run eagerly,
-so their lines count ops that inductor would fuse; attention, compressor, indexer and MoE lines are the step's
-own. Writes DIR/op_sources.txt and DIR/op_sources.json, sorted by bytes written.
+runs; the CPU takes other paths). The counted step runs mHC uncompiled (`Fusion.enabled` off: a compiled
+function under a dispatch mode is not what the real step runs either way), so mHC lines count ops that
+inductor fuses in the real step; attention, compressor, indexer and MoE lines are the step's own. Writes DIR/op_sources.txt and DIR/op_sources.json, sorted by bytes written.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 from dsv4.config import load_config  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
+from dsv4.model.mhc import Fusion  # noqa: E402
 
 SRC = str(HERE.parent / "src" / "dsv4")
 FAMILIES = {"copy": ("copy_", "_to_copy", "clone", "contiguous"), "cat": ("cat", "stack"), "mul": ("mul",),
@@ -104,7 +105,8 @@ def main() -> int:
     def step():
         F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
         model.zero_grad(set_to_none=True)
-    step()                                    # warm-up: compiled pieces, kernels; not counted
+    Fusion.enabled = False                    # mHC uncompiled (see above)
+    step()                                    # warm-up: kernels; not counted
     names = tuple(n for fam in args.ops.split(",") for n in FAMILIES[fam])
     counter = SourceCounter(names)
     with counter, torch.autograd.detect_anomaly(check_nan=False):
