@@ -120,6 +120,32 @@ def test_kernel_failure_falls_back_to_reference(flex_anywhere, monkeypatch):
     assert len(rec) == 1 and "shared memory" in sparse_attention.Unavailable.reason
 
 
+def test_cached_kernel_failure_falls_back_to_reference(monkeypatch):
+    """Prefill chunks through the KV cache take the same way out as one-pass calls: where the Triton forward
+    cannot run, one warning says why and the chunks get the reference path's logits."""
+    from dsv4.model import sparse_attention_fwd
+    m = random_tiny(2).float()
+    ids = torch.randint(0, m.cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(5))
+
+    def chunked():
+        caches = m.new_caches(1, 32)
+        return torch.cat([m(ids[:, c:c + 10], c, caches) for c in range(0, 30, 10)], 1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+    with torch.no_grad():
+        monkeypatch.setattr(Attention, "fused_cached", False)
+        ref = chunked()
+        monkeypatch.setattr(Attention, "fused_cached", True)
+        monkeypatch.setattr(sparse_attention_fwd, "available", lambda q: True)
+        monkeypatch.setattr(sparse_attention_fwd, "forward", broken)
+        monkeypatch.setattr(sparse_attention.Unavailable, "reason", None)
+        with pytest.warns(RuntimeWarning, match="shared memory") as rec:
+            out = chunked()
+    assert torch.equal(out, ref)
+    assert len(rec) == 1 and "shared memory" in sparse_attention.Unavailable.reason
+
+
 @pytest.mark.skipif(not triton_compiler(), reason="needs Triton's compiler (not its interpreter)")
 @pytest.mark.parametrize("heads", [16, 64, 128])
 def test_triton_backward_fits_hopper_at_v4_head_counts(heads):

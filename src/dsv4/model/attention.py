@@ -130,7 +130,8 @@ class Indexer(nn.Module):
 
 class Attention(nn.Module):
     query_chunk = 512
-    fused = True             # one-pass calls on CUDA (prefill, scoring, training) use FlexAttention (sparse_attention.py)
+    fused = True             # one-pass calls on CUDA (prefill, scoring, training) use the fused sparse MQA
+                             # (sparse_attention.py: the Triton forward, or FlexAttention's)
     fused_training = True    # False: training keeps the reference path (backward: sparse_attention_bwd.py on CUDA)
     fused_cached = True      # chunks through a KV cache (chunked prefill, L > 1) use the Triton forward
                              # (sparse_attention_fwd.py); decode steps (L = 1) keep the reference path
@@ -220,9 +221,10 @@ class Attention(nn.Module):
                 return self._output(o.to(x.dtype), cos, sin)
         if (self.fused and self.fused_cached and cache is not None and L > 1 and self.recorder is None
                 and sparse_attention_fwd.available(q) and not sparse_attention.needs_grad(q, kv, comp, self.attn_sink)):
-            o, _ = sparse_attention_fwd.forward(q, raw, raw_start, start_pos, comp, idx_sel, self.attn_sink,
-                                                self.window, self.ratio)
-            return self._output(o.to(x.dtype), cos, sin)
+            o = sparse_attention.attend_cached_or_none(q, raw, raw_start, start_pos, comp, idx_sel, self.attn_sink,
+                                                       self.window, self.ratio)
+            if o is not None:                        # None: the kernel cannot run here (warned once)
+                return self._output(o.to(x.dtype), cos, sin)
         outs = [self._attend(q[:, c0:c0 + self.query_chunk], raw, raw_start, t_all[c0:c0 + self.query_chunk],
                              start_pos + c0, comp, None if idx_sel is None else idx_sel[:, c0:c0 + self.query_chunk])
                 for c0 in range(0, L, self.query_chunk)]

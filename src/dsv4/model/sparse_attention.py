@@ -96,16 +96,27 @@ class Unavailable:
 def attend_or_none(*args, **kwargs) -> torch.Tensor | None:
     """`attend`, or None where this GPU / torch / Triton cannot compile it (e.g. not enough shared memory for
     head_dim 512 tiles): then one warning says why, and the caller's reference path runs from then on."""
+    return _or_none(attend, *args, **kwargs)
+
+
+def attend_cached_or_none(q, raw, raw_start: int, t0: int, comp, sel, sink, window: int, ratio: int):
+    """The Triton forward at any start position (prefill chunks through the KV cache; arguments as
+    `sparse_attention_fwd.forward`) -> o [b,L,h,d], or None as for `attend_or_none`."""
+    out = _or_none(sparse_attention_fwd.forward, q, raw, raw_start, t0, comp, sel, sink, window, ratio)
+    return None if out is None else out[0]
+
+
+def _or_none(fn, *args, **kwargs):
     if Unavailable.reason is not None:
         return None
     try:
-        return attend(*args, **kwargs)
+        return fn(*args, **kwargs)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - compile failures surface as many exception types
         Unavailable.reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
         warnings.warn(f"dsv4: the fused attention kernel does not run here ({Unavailable.reason}); "
-                      "using the reference attention path", RuntimeWarning, stacklevel=2)
+                      "using the reference attention path", RuntimeWarning, stacklevel=3)
         return None
 
 
