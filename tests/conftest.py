@@ -37,6 +37,12 @@ def tiny_model():
     return random_tiny()
 
 
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in fp32 (1e-12 keeps an all-zero b from dividing by zero)."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm()) / (float(b.norm()) + 1e-12)
+
+
 def triton_compiler() -> bool:
     """Whether Triton's compiler (not its interpreter) is importable: kernels can then be compiled for a GPU
     target on any machine, which catches what the interpreter lets through (e.g. an if whose branches give a

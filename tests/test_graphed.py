@@ -7,7 +7,7 @@ import torch
 from dsv4.model import MoE
 from dsv4.train.graphed import GraphedStep
 from dsv4.train.recipe import compute_loss
-from conftest import random_tiny
+from conftest import random_tiny, rel_diff
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -27,10 +27,6 @@ def _close(a, b, tol=2e-3):
 
 def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _rel(a, b) -> float:
-    return float((a.float() - b.float()).norm()) / (float(b.float().norm()) + 1e-12)
 
 
 def _flat(grads: dict) -> torch.Tensor:
@@ -63,10 +59,10 @@ def test_replayed_steps_equal_eager_steps():
         assert ge.keys() <= gg.keys()     # the graph's gradients exist for every trainable parameter (zero if unused)
         ge = {n: ge.get(n, torch.zeros_like(v)) for n, v in gg.items()}
         gt = {n: gt.get(n, torch.zeros_like(v)) for n, v in gg.items()}
-        noise, err = _rel(_flat(gt), _flat(ge)), _rel(_flat(gg), _flat(ge))
+        noise, err = rel_diff(_flat(gt), _flat(ge)), rel_diff(_flat(gg), _flat(ge))
         assert err <= max(4 * noise, 2e-3), (i, err, noise)
         for n in gg:                      # each tensor: 3e-2 (1e-1 for ≤ 16 elements) or 4x its own floor
-            e, f = _rel(gg[n], ge[n]), _rel(gt[n], ge[n])
+            e, f = rel_diff(gg[n], ge[n]), rel_diff(gt[n], ge[n])
             assert e <= max(4 * f, 1e-1 if gg[n].numel() <= 16 else 3e-2), (i, n, e, f)
     assert step.captures == 1
     loads = [(a.load, b.load) for a, b in zip(eager.modules(), graphed.modules()) if isinstance(a, MoE)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compile_for_hopper, random_tiny, triton_compiler
+from conftest import compile_for_hopper, random_tiny, rel_diff, triton_compiler
 
 from dsv4.model import hc_mix_kernel, mhc
 from dsv4.model.mhc import Fusion
@@ -18,10 +18,6 @@ runs_here = pytest.mark.skipif(not hc_mix_kernel.available(torch.empty(0, device
 def _reference(x, fn, eps):
     x = x.float()
     return F.linear(x, fn) * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-
-
-def _rel(a, b) -> float:
-    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
 @runs_here
@@ -38,15 +34,15 @@ def test_mixes_and_gradients_equal_reference(dtype, M, K, N):
     xr, fr = x.detach().float().requires_grad_(), fn.detach().clone().requires_grad_()
     y, yr = hc_mix_kernel.mixes(x, fn, 1e-6), _reference(xr, fr, 1e-6)
     assert y.dtype == torch.float32 and y.shape == (M, N)
-    assert _rel(y, yr) < 1e-6
+    assert rel_diff(y, yr) < 1e-6
     dy = torch.randn(M, N, generator=g).to(DEV)
     (y * dy).sum().backward()
     (yr * dy).sum().backward()
     assert x.grad.dtype == dtype
-    assert _rel(fn.grad, fr.grad) < 1e-5
-    assert _rel(x.grad, xr.grad) < (1e-5 if dtype == torch.float32 else 2 ** -8)
+    assert rel_diff(fn.grad, fr.grad) < 1e-5
+    assert rel_diff(x.grad, xr.grad) < (1e-5 if dtype == torch.float32 else 2 ** -8)
     # the norm's own gradient term matters: dropping it would be far off
-    assert _rel(dy @ fr.detach() * torch.rsqrt(xr.detach().square().mean(-1, keepdim=True) + 1e-6), xr.grad) > 1e-2
+    assert rel_diff(dy @ fr.detach() * torch.rsqrt(xr.detach().square().mean(-1, keepdim=True) + 1e-6), xr.grad) > 1e-2
 
 
 @runs_here
@@ -63,10 +59,10 @@ def test_model_with_mix_kernel_equals_reference(monkeypatch):
         logits.logsumexp(-1).mean().backward()
         outs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (ref, gref), (got, ggot) = outs
-    assert _rel(got, ref) < 1e-5
+    assert rel_diff(got, ref) < 1e-5
     assert gref.keys() == ggot.keys() and any("hc_attn_fn" in n for n in gref) and "hc_head_fn" in gref
     for n, g in gref.items():
-        assert _rel(ggot[n], g) < 1e-4, n
+        assert rel_diff(ggot[n], g) < 1e-4, n
 
     class Ran(Exception):
         pass
@@ -91,7 +87,7 @@ def test_mix_kernel_inside_torch_compile(monkeypatch):
     f(h).backward()
     monkeypatch.setattr(Fusion, "mix_kernel", False)
     sum(o.float().square().sum() for o in mhc.hc_pre(hr, fn, base, scale, 20, 1e-6, 1e-6)).backward()
-    assert _rel(h.grad, hr.grad) < 1e-5
+    assert rel_diff(h.grad, hr.grad) < 1e-5
 
 
 @pytest.mark.skipif(not triton_compiler(), reason="needs Triton's compiler (not its interpreter)")
