@@ -36,6 +36,7 @@ class GraphedStep:
     def __init__(self, model: torch.nn.Module, fn: Callable[..., Sequence[torch.Tensor]], warmup: int = 2,
                  check_inputs: Callable[..., None] | None = None, capture_error_mode: str = "global"):
         self.model, self.fn, self.warmup = model, fn, warmup
+        self._redirect_stale_streams()            # process-wide, once
         self.capture_error_mode = capture_error_mode
         self.check_inputs = check_inputs
         self.calls: dict[Hashable, int] = {}
@@ -66,7 +67,8 @@ class GraphedStep:
                 p.grad = torch.zeros_like(p)
         return params
 
-    def _redirect_stale_streams(self) -> None:
+    @staticmethod
+    def _redirect_stale_streams() -> None:
         """Autograd remembers, in each parameter's gradient-accumulation node, the stream of the forward that
         created the node, and reuses the node while any graph holding it lives. A graph kept from an earlier
         forward on the default stream makes the captured backward touch the default stream, which a capture
@@ -79,7 +81,6 @@ class GraphedStep:
             override(True)
 
     def _eager(self, inputs) -> tuple[torch.Tensor, ...]:
-        self._redirect_stale_streams()
         self._params()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -90,7 +91,6 @@ class GraphedStep:
         return tuple(o.detach() for o in outs)
 
     def _capture(self, key, inputs) -> None:
-        self._redirect_stale_streams()
         params = self._params()                   # the graph adds into these gradients
         grads = [p.grad for p in params]
         static_in = tuple(x.clone() for x in inputs)

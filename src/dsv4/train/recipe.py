@@ -27,7 +27,7 @@ def compute_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor
     layers compute their sequence-wise balance losses only during this call (and only with balance_weight > 0)."""
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     for m in moes:
-        m.collect_balance, m.aux_loss = balance_weight > 0, None
+        m.collect_balance = balance_weight > 0
     try:
         lm, h = model(inputs, return_hidden=True, targets=targets)      # head + cross-entropy in chunks
         total = lm
