@@ -97,7 +97,7 @@ def train_flops_per_token(cfg, seq: int) -> float:
     return dense + attn
 
 
-def make_loss(model, mtp: bool, chunked_loss: bool, recipe: bool = False):
+def make_loss(model, mtp: bool, chunked_loss: bool, recipe: bool = False, indexer_weight: float = 1.0):
     """loss_of(x, y) -> (loss,): full-logit or chunked cross-entropy, + 0.3 · MTP; or (recipe) `compute_loss`
     under bf16 autocast, as `dsv4 train` runs it (see bench_train)."""
     from dsv4.train.recipe import compute_loss
@@ -105,7 +105,7 @@ def make_loss(model, mtp: bool, chunked_loss: bool, recipe: bool = False):
     def loss_of(x, y):
         if recipe:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                return (compute_loss(model, x, y, 0.3 if mtp else 0.0, 1e-4).total,)
+                return (compute_loss(model, x, y, 0.3 if mtp else 0.0, 1e-4, indexer_weight).total,)
         if chunked_loss:
             loss, h = model(x, return_hidden=True, targets=y)
             if mtp:
@@ -121,16 +121,17 @@ def make_loss(model, mtp: bool, chunked_loss: bool, recipe: bool = False):
 
 
 def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = False, graph: bool = False,
-                recipe: bool = False) -> None:
+                recipe: bool = False, indexer_weight: float = 1.0) -> None:
     """fwd+bwd tok/s per TRAIN_SHAPES. Loss: cross-entropy over the full logits (as the transformers baseline), or
     with chunked_loss the head + cross-entropy in checkpointed chunks that `dsv4 train` runs (forward(targets=)).
     graph: the step captured in a CUDA graph and replayed (train.graphed.GraphedStep, as `dsv4 train --cuda-graph`).
     recipe: exactly `dsv4 train`'s micro-step on a GPU — fp32 weights, bf16 autocast, `compute_loss` (chunked LM
-    + MTP + sequence-balance losses); `model` must then hold fp32 weights."""
+    + MTP + sequence-balance + CSA indexer losses; indexer_weight 0 leaves the last out); `model` must then hold
+    fp32 weights."""
     from dsv4.train.graphed import GraphedStep
     model.train()
     V = cfg.vocab_size
-    loss_of = make_loss(model, mtp, chunked_loss, recipe)
+    loss_of = make_loss(model, mtp, chunked_loss, recipe, indexer_weight)
 
     for b, s in TRAIN_SHAPES:
         ids = torch.randint(0, V, (b, s + 1), device="cuda")
@@ -220,15 +221,27 @@ def ab_train(cfg, model, deadline: float, variants, shapes=((1, 4096), (2, 4096)
         torch.cuda.empty_cache()
 
 
-def loss_and_grads(model, ids) -> tuple[float, torch.Tensor]:
-    """LM loss and all gradients (flattened, fp32) of one training step: compiled blocks must reproduce them."""
+def loss_and_grads(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
+    """LM loss and every gradient (fp32, by name) of one training step: compiled blocks must reproduce them.
+    Gradients left by earlier steps are dropped first (a CUDA-graph step keeps static zero gradients on
+    parameters the LM loss never reaches, e.g. the indexer's)."""
     model.train()
+    model.zero_grad(set_to_none=True)
     logits = model(ids)
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     loss.backward()
-    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    grads = {n: p.grad.float().flatten() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return float(loss), grads
+
+
+def grads_rel_diff(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """Relative difference of all gradients together; a parameter with a gradient on one side only is an error."""
+    if got.keys() != ref.keys():
+        raise RuntimeError(f"gradients for different parameters: only compiled {sorted(got.keys() - ref.keys())[:5]}, "
+                           f"only eager {sorted(ref.keys() - got.keys())[:5]}")
+    a, b = torch.cat([got[n] for n in ref]), torch.cat(list(ref.values()))
+    return float((a - b).norm() / b.norm())
 
 
 @torch.no_grad()
@@ -343,6 +356,8 @@ def main() -> int:
         if "recipe" in sections and time.time() < deadline:      # what `dsv4 train` runs: fp32 weights + autocast
             master = init_weights(Transformer(cfg), seed=0).cuda()
             bench_train(cfg, master, peak, "dsv4 train step (fp32 weights, bf16 autocast)", mtp=True, recipe=True)
+            bench_train(cfg, master, peak, "dsv4 train step without the indexer loss", mtp=True, recipe=True,
+                        indexer_weight=0.0)
             if graph_ok or "graph" not in sections:
                 bench_train(cfg, master, peak, "dsv4 train step, CUDA graph", mtp=True, recipe=True, graph=True)
             del master
@@ -361,7 +376,7 @@ def main() -> int:
             t = time.time()
             comp = loss_and_grads(model, ids)
             log(what="compile_check", loss_eager=eager[0], loss_compiled=comp[0],
-                grad_rel_diff=float((comp[1] - eager[1]).norm() / eager[1].norm()), compile_s=time.time() - t)
+                grad_rel_diff=grads_rel_diff(comp[1], eager[1]), compile_s=time.time() - t)
             bench_train(cfg, model, peak, "compiled blocks", mtp=False)
             if graph_ok and time.time() < deadline:
                 bench_train(cfg, model, peak, "compiled blocks, CUDA graph", mtp=False, graph=True)

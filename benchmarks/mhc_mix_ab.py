@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
-from bench_gpu import ab_train, build, log, loss_and_grads, timed  # noqa: E402
+from bench_gpu import ab_train, build, grads_rel_diff, log, loss_and_grads, timed  # noqa: E402
 from dsv4.config import load_config  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
 from dsv4.model.mhc import Fusion, hc_pre_fast  # noqa: E402
@@ -54,7 +54,7 @@ def check(cfg) -> None:
     for on in (False, True):
         use_kernel(on)
         res.append(loss_and_grads(model, ids))
-    log(what="check_fp32", seq=2048, loss_off=res[0][0], loss_on=res[1][0], grad_rel=_rel(res[1][1], res[0][1]))
+    log(what="check_fp32", seq=2048, loss_off=res[0][0], loss_on=res[1][0], grad_rel=grads_rel_diff(res[1][1], res[0][1]))
     del model
     torch.cuda.empty_cache()
 

@@ -48,7 +48,7 @@ def test_bit_exact_resume(tmp_path, shards):
     resumed = b.fit()
     assert [r["step"] for r in resumed] == [4, 5, 6]
     for ra, rb in zip(straight[3:], resumed):
-        for k in ("loss", "lm", "mtp", "balance", "grad_norm", "anticipatory", "max_violation"):
+        for k in ("loss", "lm", "mtp", "balance", "indexer", "grad_norm", "anticipatory", "max_violation"):
             assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
     pa, pb = _params(a.model), _params(b.model)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
@@ -81,8 +81,8 @@ def test_loss_drops_on_embedded_corpus(tmp_path, shards):
     assert last < first - 1.5, (first, last)             # a clear drop in 30 steps
     assert hist[-1]["val_loss"] < first - 1.0
     for r in hist:                                       # the logged total is the recipe's sum
-        assert r["mtp"] > 0 and r["balance"] > 0
-        assert abs(r["loss"] - (r["lm"] + 0.3 * r["mtp"] + 1e-4 * r["balance"])) < 1e-4
+        assert r["mtp"] > 0 and r["balance"] > 0 and r["indexer"] > 0
+        assert abs(r["loss"] - (r["lm"] + 0.3 * r["mtp"] + 1e-4 * r["balance"] + r["indexer"])) < 1e-4
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     assert len(lines) == 30
 
@@ -93,7 +93,7 @@ def test_mtp_loss_reaches_the_mtp_block():
     x, y = ids[:, :-1], ids[:, 1:]
     parts = compute_loss(model, x, y, mtp_weight=0.3, balance_weight=1e-4)
     assert parts.mtp is not None and parts.mtp > 0
-    assert torch.allclose(parts.total, parts.lm + 0.3 * parts.mtp + 1e-4 * parts.balance)
+    assert torch.allclose(parts.total, parts.lm + 0.3 * parts.mtp + 1e-4 * parts.balance + parts.indexer)
     parts.total.backward()
     assert model.mtp[0].e_proj.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
@@ -145,7 +145,7 @@ def test_chunked_loss_equals_loss_of_full_logits(monkeypatch, chunk):
     model = random_tiny(3).train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))
     x, y = ids[:, :-1], ids[:, 1:]
-    parts = compute_loss(model, x, y, mtp_weight=0.3, balance_weight=0.0)
+    parts = compute_loss(model, x, y, mtp_weight=0.3, balance_weight=0.0, indexer_weight=0.0)
     parts.total.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)

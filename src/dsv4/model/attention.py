@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..numerics import indexer_roundtrip, kv_roundtrip
@@ -69,6 +70,10 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.topk, self.ratio = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, ratio
         self.official = False
+        # training: the loss of the last forward, computed only while a training recipe collects it
+        # (`collect_loss`, set around its forward by train.recipe.compute_loss; see `kl_loss`)
+        self.collect_loss = False
+        self.loss: torch.Tensor | None = None
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, fp8_input=True)
         self.weights_proj = Linear(cfg.hidden_size, self.n_heads)
         self.compressor = Compressor(cfg.hidden_size, self.head_dim, ratio, cfg.qk_rope_head_dim, cfg.rms_norm_eps,
@@ -114,6 +119,24 @@ class Indexer(nn.Module):
             out.append(idx)
         return torch.cat(out, 1)
 
+    def kl_loss(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, sel: torch.Tensor,
+                target: torch.Tensor, chunk: int = 512, dense: bool = False) -> torch.Tensor | None:
+        """The indexer's own training loss. Its top-k pick is not differentiable, so the LM loss never reaches
+        its weights; as DeepSeek-V3.2 trains the DSA indexer (which V4's CSA applies to compressed entries), it
+        learns to match the main attention: per query, KL(target ‖ softmax of its scores over the same picks),
+        target from `Attention._indexer_target`; mean over the queries that have picks (0 if none has; no host
+        sync, so a CUDA graph can hold it). q [b,L,H,c], w [b,L,H], keys [b,N,c], sel / target [b,L,k].
+        Recomputed chunk by chunk in the backward (activation checkpointing): the gathered keys [b, chunk, k, c]
+        never pile up over a long sequence; dense: score all entries by one GEMM instead of gathering the
+        picked keys (faster while the entries are few). None without picks to score (k = 0)."""
+        if sel.shape[-1] == 0:
+            return None
+        n = (sel >= 0).any(-1).sum().clamp(min=1)
+        total = sum(checkpoint(_kl_sum, q[:, c0:c0 + chunk], w[:, c0:c0 + chunk], keys, sel[:, c0:c0 + chunk],
+                               target[:, c0:c0 + chunk], dense, use_reentrant=False)
+                    for c0 in range(0, sel.shape[1], chunk))
+        return total / n
+
     def select_static(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, n_vis: torch.Tensor) -> torch.Tensor:
         """Decode form of `select` over a preallocated key buffer keys [b, Ncap, c] of which the first n_vis
         (0-dim tensor) entries exist: q [b,1,H,c], w [b,1,H] -> [b, 1, min(top-k, Ncap)], −1 = none."""
@@ -126,6 +149,23 @@ class Indexer(nn.Module):
         visible = torch.arange(n, device=q.device) < n_vis
         idx = s.masked_fill_(~visible, NEG_INF).topk(k, dim=-1).indices
         return torch.where(idx < n_vis, idx, -1)
+
+
+def _kl_sum(q, w, keys, sel, target, dense: bool) -> torch.Tensor:
+    """Σ over queries of KL(target ‖ softmax(s)), s the indexer's scores of the picks (−1 picks: s masked, target 0).
+    dense: score every entry by one GEMM and take the picks' scores (few entries), else gather the picked keys.
+    The mask is finite, so a query without picks gives 0 and no NaN (its target is all 0)."""
+    b, C, k = sel.shape
+    if dense:
+        s = torch.einsum("bchd,bnd->bchn", q, keys.to(q.dtype)).float().relu()
+        s = torch.einsum("bchn,bch->bcn", s, w.float()).gather(-1, sel.clamp(min=0))   # [b, C, k]
+    else:
+        flat = (sel.clamp(min=0) + keys.shape[1] * torch.arange(b, device=sel.device)[:, None, None]).flatten()
+        kg = keys.flatten(0, 1)[flat].view(b, C, k, -1).to(q.dtype)                  # [b, C, k, c]
+        s = torch.einsum("bchd,bckd->bchk", q, kg).float().relu()
+        s = torch.einsum("bchk,bch->bck", s, w.float())                               # [b, C, k]
+    s = s.masked_fill(sel < 0, -1e30)
+    return (target * (target.clamp_min(1e-30).log() - s.log_softmax(-1))).sum()
 
 
 class Attention(nn.Module):
@@ -202,11 +242,23 @@ class Attention(nn.Module):
         if self.ratio:
             comp = self._compressed(x, start_pos, cache, self.compressor, "comp")   # [b, N, d]
             if self.indexer is not None:
-                keys = self._compressed(x, start_pos, cache, self.indexer.compressor, "idx_keys")
-                iq, iw = self.indexer.queries(x, qr, cos, sin)
-                idx_sel = torch.cat([self.indexer.select(iq[:, c0:c0 + self.query_chunk], iw[:, c0:c0 + self.query_chunk],
-                                                         keys, t_all[c0:c0 + self.query_chunk], start_pos + c0)
-                                     for c0 in range(0, L, self.query_chunk)], 1)   # [b, L, k]
+                # the pick is not differentiable: the indexer sees the model's activations detached and trains on
+                # its own loss only (Indexer.kl_loss, while a recipe collects it), as the LM loss trains the rest;
+                # otherwise it builds no autograd graph at all
+                learn = self.indexer.collect_loss and cache is None and start_pos == 0 and torch.is_grad_enabled()
+                with torch.set_grad_enabled(learn):
+                    xi, qri = x.detach(), qr.detach()
+                    keys = self._compressed(xi, start_pos, cache, self.indexer.compressor, "idx_keys")
+                    iq, iw = self.indexer.queries(xi, qri, cos, sin)
+                with torch.no_grad():
+                    idx_sel = torch.cat([self.indexer.select(iq[:, c0:c0 + self.query_chunk],
+                                                             iw[:, c0:c0 + self.query_chunk], keys,
+                                                             t_all[c0:c0 + self.query_chunk], start_pos + c0)
+                                         for c0 in range(0, L, self.query_chunk)], 1)   # [b, L, k]
+                if learn:
+                    target = self._indexer_target(q.detach(), kv.detach(), comp.detach(), idx_sel, t_all)
+                    self.indexer.loss = self.indexer.kl_loss(iq, iw, keys, idx_sel, target, self.query_chunk,
+                                                             keys.shape[1] <= self.csa_mask_factor * idx_sel.shape[-1])
                 if self.recorder is not None:
                     self.recorder("indexer", selected=idx_sel, positions=t_all, ratio=self.ratio)
         if cache is not None:
@@ -343,19 +395,26 @@ class Attention(nn.Module):
         Products run in the input dtype (fp32 accumulation inside the GEMMs, as the official kernel), softmax in
         fp32. CSA picks are applied as a mask over all entries while they are few (N ≤ 4k: one dense GEMM beats
         a gather), and gathered otherwise, so memory stays O(C·(window + k)) at long context."""
+        kw, band, comp = self._chunk_keys(raw, raw_start, t, t0, q.shape[1], comp)
+        return self._attend_keys(q, kw, band, t, comp, sel)
+
+    def _chunk_keys(self, raw, raw_start, t, t0, C, comp):
+        """What C queries at positions t (from the int t0) see: raw keys kw [b, Nw, d] with band [C, Nw] (which
+        query sees which key), and the compressed entries up to the last one the chunk's last query sees."""
         W = self.window
         lo = max(raw_start, t0 - W + 1)
-        hi = t0 + q.shape[1]
+        hi = t0 + C
         kw = raw[:, lo - raw_start:hi - raw_start]                                   # [b, Nw, d]
-        kpos = torch.arange(lo, hi, device=q.device)
+        kpos = torch.arange(lo, hi, device=raw.device)
         band = (kpos[None] <= t[:, None]) & (kpos[None] > t[:, None] - W)            # [C, Nw]
         if comp is not None:        # entries later than the chunk's last query sees would only be masked
             comp = comp[:, :(hi // self.ratio)]
-        return self._attend_keys(q, kw, band, t, comp, sel)
+        return kw, band, comp
 
-    def _attend_keys(self, q, kw, band, t, comp, sel) -> torch.Tensor:
-        """q [b,C,h,d] over raw keys kw [b,Nw,d] (band [C, Nw]: which ones each query sees), then compressed
-        entries comp [b,N,d] of which query t sees the first (t+1)//ratio, through CSA picks sel or all (HCA)."""
+    def _probs(self, q, kw, band, t, comp, sel):
+        """The attention probabilities of `_attend_keys` -> (p [b, C, h, Nw + (N or k) + 1] fp32 over the raw
+        keys, the compressed entries — all N, or the k gathered picks — and the sink; kw and kc in q's dtype
+        (kc [b, C, k, d] gathered or [b, N, d]; None without entries); whether the picks were gathered)."""
         scale = self.head_dim ** -0.5
         b, C = q.shape[:2]
         kw = kw.to(q.dtype)
@@ -367,7 +426,7 @@ class Attention(nn.Module):
             if sel is None:                                                          # HCA: every visible entry
                 hide = torch.arange(N, device=q.device)[None] >= ((t + 1) // self.ratio)[:, None]   # [C, N]
                 hide = hide[None, :, None]
-            elif N <= self.csa_mask_factor * sel.shape[-1]:                                             # CSA, few entries: mask
+            elif N <= self.csa_mask_factor * sel.shape[-1]:                          # CSA, few entries: mask
                 hit = torch.zeros(b, C, N + 1, dtype=torch.bool, device=q.device).scatter_(2, sel + 1, True)
                 hide = ~hit[:, :, None, 1:]                                          # [b, C, 1, N]
             else:                                                                    # CSA, many entries: gather
@@ -378,6 +437,12 @@ class Attention(nn.Module):
             scores.append(sc.float().mul_(scale).masked_fill_(hide, NEG_INF))
         sink = self.attn_sink.float()[None, None, :, None].expand(b, C, -1, 1)
         p = torch.cat(scores + [sink], -1).softmax(-1)                                 # sink only widens the denominator
+        return p, kw, kc, gathered
+
+    def _attend_keys(self, q, kw, band, t, comp, sel) -> torch.Tensor:
+        """q [b,C,h,d] over raw keys kw [b,Nw,d] (band [C, Nw]: which ones each query sees), then compressed
+        entries comp [b,N,d] of which query t sees the first (t+1)//ratio, through CSA picks sel or all (HCA)."""
+        p, kw, kc, gathered = self._probs(q, kw, band, t, comp, sel)
         nw = kw.shape[1]
         if self.recorder is not None:     # attention mass per query and head on window / compressed / sink
             self.recorder("attention", window=p[..., :nw].sum(-1), compressed=p[..., nw:-1].sum(-1), sink=p[..., -1],
@@ -387,3 +452,24 @@ class Attention(nn.Module):
         if kc is not None:
             o = o + torch.einsum("bchk,bckd->bchd" if gathered else "bchn,bnd->bchd", p[..., nw:-1], kc)
         return o
+
+    @torch.no_grad()
+    def _indexer_target(self, q, kv, comp, sel, t) -> torch.Tensor:
+        """The indexer's training target for a one-pass call from position 0 (q [b,L,h,d], kv [b,L,d], comp
+        [b,N,d], sel [b,L,k], t [L]): per query, the main attention's probability on each CSA pick, summed over
+        heads and normalised over the picks -> [b, L, k] fp32, 0 at −1 picks (all 0 for a query without any).
+        From the reference path's probabilities, chunk by chunk, whichever path computed the layer's output."""
+        out = []
+        for c0 in range(0, q.shape[1], self.query_chunk):
+            qc, sc, tc = q[:, c0:c0 + self.query_chunk], sel[:, c0:c0 + self.query_chunk], t[c0:c0 + self.query_chunk]
+            kw, band, cc = self._chunk_keys(kv, 0, tc, c0, qc.shape[1], comp)
+            p, kw, _, gathered = self._probs(qc, kw, band, tc, cc, sc)
+            pc = p[..., kw.shape[1]:-1]                                              # [b, C, h, k or N]
+            if pc.shape[-1] == 0:                                                    # no entry visible yet
+                out.append(torch.zeros(sc.shape, device=q.device))
+                continue
+            if not gathered:
+                pc = pc.gather(-1, sc.clamp(min=0)[:, :, None].expand(-1, -1, pc.shape[2], -1))
+            pc = pc.sum(2).masked_fill_(sc < 0, 0)                                   # [b, C, k]
+            out.append(pc / pc.sum(-1, keepdim=True).clamp_min(1e-30))
+        return torch.cat(out, 1)

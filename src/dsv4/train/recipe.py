@@ -1,5 +1,5 @@
 """The V4 training recipe pieces that live outside the optimizer: losses (next token + MTP + sequence-wise
-balance), aux-loss-free bias balancing, anticipatory routing, and learning-rate / sequence-length schedules."""
+balance + the CSA indexers' KL), aux-loss-free bias balancing, anticipatory routing, and learning-rate / sequence-length schedules."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model import MoE, Transformer
+from ..model.attention import Indexer
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -18,16 +19,22 @@ class LossParts:
     lm: torch.Tensor
     mtp: torch.Tensor | None
     balance: torch.Tensor | None
+    indexer: torch.Tensor | None = None
 
 
 def compute_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3,
-                 balance_weight: float = 1e-4) -> LossParts:
+                 balance_weight: float = 1e-4, indexer_weight: float = 1.0) -> LossParts:
     """inputs/targets [b, s] (targets = inputs shifted by one). The MTP block at position t sees the main
     streams h_t and the embedding of token t+1 (= targets[t]) and predicts token t+2 (= targets[t+1]). The MoE
-    layers compute their sequence-wise balance losses only during this call (and only with balance_weight > 0)."""
+    layers compute their sequence-wise balance losses, and the CSA layers' indexers their KL losses against the
+    main attention (`Indexer.kl_loss`: the only signal their weights get), only during this call and only with
+    a weight > 0. The indexer loss reaches nothing but the indexers, so its weight scales only their step."""
     moes = [m for m in model.modules() if isinstance(m, MoE)]
+    indexers = [m for m in model.modules() if isinstance(m, Indexer)]
     for m in moes:
         m.collect_balance = balance_weight > 0
+    for m in indexers:
+        m.collect_loss = indexer_weight > 0
     try:
         lm, h = model(inputs, return_hidden=True, targets=targets)      # head + cross-entropy in chunks
         total = lm
@@ -35,15 +42,23 @@ def compute_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor
         if mtp_weight > 0 and len(model.mtp) and inputs.shape[1] > 1:
             mtp = model.mtp_forward(h[:, :-1], targets[:, :-1], targets=targets[:, 1:])
             total = total + mtp_weight * mtp
-        balance = None
-        aux = [m.aux_loss for m in moes if m.aux_loss is not None]
-        if aux:
-            balance = torch.stack(aux).mean()
+        balance = _mean([m.aux_loss for m in moes])
+        if balance is not None:
             total = total + balance_weight * balance
+        indexer = _mean([m.loss for m in indexers])
+        if indexer is not None:
+            total = total + indexer_weight * indexer
     finally:
         for m in moes:
             m.collect_balance, m.aux_loss = False, None
-    return LossParts(total, lm, mtp, balance)
+        for m in indexers:
+            m.collect_loss, m.loss = False, None
+    return LossParts(total, lm, mtp, balance, indexer)
+
+
+def _mean(losses: list[torch.Tensor | None]) -> torch.Tensor | None:
+    present = [v for v in losses if v is not None]
+    return torch.stack(present).mean() if present else None
 
 
 # ------------------------------------------------------------------------------------ bias balancing

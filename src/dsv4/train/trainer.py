@@ -36,6 +36,9 @@ from .graphed import GraphError, GraphedStep
 from .recipe import (AnticipatoryRouting, SpikeDetector, compute_loss, dense_expert_grads, lr_at, seq_len_at,
                      update_gate_biases)
 
+# what a step logs of its loss, in the order `_micro_loss` returns them after the backward's start
+LOSS_PARTS = ("loss", "lm", "mtp", "balance", "indexer")
+
 
 class TrainError(ValueError):
     """Bad training settings or files (the message names which)."""
@@ -64,6 +67,7 @@ class TrainConfig:
     optimizer: str = "muon"                 # muon (Muon + AdamW, the V4 recipe) | adamw (ablation)
     mtp_weight: float = 0.3
     balance_weight: float = 1e-4
+    indexer_weight: float = 1.0             # CSA indexers' KL loss against the main attention (0 = indexers stay frozen)
     bias_update_speed: float = 1e-3
     anticipatory: bool = True
     anticipatory_delta: int = 10
@@ -403,7 +407,7 @@ class Trainer:
         for _ in range(self.tc.eval_batches):
             x, y = next(val)
             with torch.autocast(**self.autocast):
-                losses.append(float(compute_loss(self.model, x.to(self.device), y.to(self.device), 0.0, 0.0).lm))
+                losses.append(float(compute_loss(self.model, x.to(self.device), y.to(self.device), 0.0, 0.0, 0.0).lm))
         self.model.train()
         return self._mean(sum(losses) / len(losses))
 
@@ -417,12 +421,12 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=self.graphed is None)     # a CUDA graph adds into the gradients it holds
-        totals = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "balance": 0.0}
+        totals = dict.fromkeys(LOSS_PARTS, 0.0)
         for _ in range(tc.grad_accum):
             x, y = next(self.loader)
             x, y = x.to(self.device), y.to(self.device)
             outs = self._micro_step(x, y)
-            for k, v in zip(("loss", "lm", "mtp", "balance"), outs[1:]):
+            for k, v in zip(LOSS_PARTS, outs[1:]):
                 totals[k] += float(v) / tc.grad_accum
             self.tokens_seen += x.numel() * self.world
         totals = {k: self._mean(v) for k, v in totals.items()}       # the global batch's numbers
@@ -442,13 +446,13 @@ class Trainer:
                 "max_violation": viol, "anticipatory": event, "tokens": self.tokens_seen}
 
     def _micro_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """-> (total / grad_accum: what the backward starts from, total, lm, mtp, balance); absent parts are 0."""
+        """-> (total / grad_accum: what the backward starts from, then LOSS_PARTS); absent parts are 0."""
         tc = self.tc
         with torch.autocast(**self.autocast):
-            parts = compute_loss(self.model, x, y, tc.mtp_weight, tc.balance_weight)
+            parts = compute_loss(self.model, x, y, tc.mtp_weight, tc.balance_weight, tc.indexer_weight)
         zero = torch.zeros((), device=parts.total.device)
         return (parts.total / tc.grad_accum, parts.total,
-                *(zero if v is None else v for v in (parts.lm, parts.mtp, parts.balance)))
+                *(zero if v is None else v for v in (parts.lm, parts.mtp, parts.balance, parts.indexer)))
 
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Forward + backward of one micro-batch (gradients added into .grad) -> `_micro_loss`'s values,
@@ -505,8 +509,7 @@ class Trainer:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     if tb:
-                        for k in ("loss", "lm", "mtp", "balance", "lr", "grad_norm", "max_violation", "tok_per_s",
-                                  "val_loss"):
+                        for k in (*LOSS_PARTS, "lr", "grad_norm", "max_violation", "tok_per_s", "val_loss"):
                             if k in rec:
                                 tb.add_scalar(f"train/{k}", rec[k], rec["step"])
                     if bar:
