@@ -77,7 +77,7 @@ def cmd_demo(args) -> int:
 
     _rule(f"2/4  training with the V4 recipe ({plan['steps']} steps, embedded corpus)")
     print("  Muon (hybrid Newton-Schulz) + AdamW, next-token + MTP loss, aux-loss-free bias balancing, sequence "
-          "balance loss,\n  anticipatory routing on loss spikes, progressive sequence length "
+          "balance loss,\n  the CSA indexers' KL loss, anticipatory routing on loss spikes, progressive sequence length "
           + " → ".join(str(n) for _, n in plan["seq_schedule"]))
     tc = TrainConfig.from_dict({**plan, "out_dir": str(train_dir), "device": device, "progress": not args.quiet})
     trainer = Trainer(tc)

@@ -125,8 +125,9 @@ def cmd_train(args) -> int:
 def register(sub) -> None:
     s = sub.add_parser("train", help="train a DeepSeek-V4 model (Muon, MTP, bias balancing, FSDP2 under torchrun)",
                        description="Train with the V4 recipe: Muon + AdamW, next-token + MTP + sequence-balance "
-                                   "losses, the CSA indexers' KL loss against the main attention, aux-loss-free bias balancing, anticipatory routing on loss spikes, "
-                                   "progressive sequence length, bit-exact resumable checkpoints.",
+                                   "losses, the CSA indexers' KL loss against the main attention, aux-loss-free "
+                                   "bias balancing, anticipatory routing on loss spikes, progressive sequence "
+                                   "length, bit-exact resumable checkpoints.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--config", help="TOML or JSON file of training settings")
     s.add_argument("--preset", help="model preset: tiny, tiny-official, small, flash, pro (default tiny)")
