@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # What the next device calls should run after a change to the GPU paths, in parts that each fit one call:
 #   tests    the CUDA-only tests of the newest code                                       (~2 min)
-#   mhc      the A/B of the opt-in mHC mixing kernel (benchmarks/mhc_mix_ab.py)            (~4 min)
+#   indexer  the indexer loss's cost in `dsv4 train`'s step, eager, and in the CUDA-graph rows of
+#            bench_gpu.py --sections recipe (with and without the loss)                    (~4 min)
 #   train    `dsv4 train` end to end on the small preset, eager and with --cuda-graph     (~3 min)
+#   mhc      the A/B of the opt-in mHC mixing kernel (benchmarks/mhc_mix_ab.py; run 2026-11-23: stays off)
 #   ops      which source lines issue the step's dtype copies, cats and multiplies (op_sources.py)   (~1 min)
 #   compile  compiled blocks (`dsv4 train --compile`) with the Triton attention forward: gradients against
-#            eager, tok/s, and replayed from a CUDA graph (bench_gpu.py --sections compile,graph)   (~5 min)
+#            eager by name, tok/s, and replayed from a CUDA graph (bench_gpu.py --sections compile,graph)   (~5 min)
 # Everything lands in $OUT (logs and JSON).
 #
-#     OUT=/some/dir bash benchmarks/gpu_checks.sh                       # parts tests mhc train (< 10 min)
-#     OUT=/some/dir PARTS="ops compile" bash benchmarks/gpu_checks.sh   # a second call (< 8 min)
+#     OUT=/some/dir bash benchmarks/gpu_checks.sh                       # parts tests indexer train (< 10 min)
+#     OUT=/some/dir PARTS="compile" bash benchmarks/gpu_checks.sh       # a second call (< 6 min)
 #
 # Each step has its own time limit, so one hang cannot eat the call; a failing step does not stop the next.
 set -u
 OUT=${OUT:?set OUT to a directory}
-PARTS=${PARTS:-tests mhc train}
+PARTS=${PARTS:-tests indexer train}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
@@ -31,12 +33,18 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 
 # 1. CUDA-only tests of the newest code (per-test limit: a hang fails that test, not the call)
 want tests && step tests 150 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v --timeout 90 \
-    tests/test_hc_mix_kernel.py tests/test_graphed.py \
+    tests/test_hc_mix_kernel.py tests/test_graphed.py tests/test_indexer_loss.py \
     tests/test_train.py::test_cuda_graph_training_follows_eager_training \
     tests/test_train.py::test_balance_losses_live_only_inside_compute_loss
 want tests && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -20
 
-# 2. the mHC mixing kernel against the PyTorch ops: fp32 check, the compiled hc_pre, tile sweep, training
+# 2. what the CSA indexers' KL loss costs: eager step with / without it, then the recipe rows (incl. CUDA graph)
+want indexer && step indexer_cost 100 python3 benchmarks/indexer_loss_cost.py --out "$OUT"
+want indexer && grep '^{' "$OUT/indexer_cost.log" | cut -c1-240
+want indexer && step recipe 170 python3 benchmarks/bench_gpu.py --out "$OUT" --sections recipe --budget-s 130
+want indexer && grep '^{' "$OUT/recipe.log" | cut -c1-240
+
+# 2b. the mHC mixing kernel against the PyTorch ops: fp32 check, the compiled hc_pre, tile sweep, training
 want mhc && step mhc_mix_ab 240 python3 benchmarks/mhc_mix_ab.py --out "$OUT" --sections check,op,sweep,train --budget-s 170
 want mhc && grep '^{' "$OUT/mhc_mix_ab.log" | cut -c1-240
 
