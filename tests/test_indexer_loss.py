@@ -127,3 +127,54 @@ def test_indexer_loss_trains_the_indexers_and_nothing_else():
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.3 * first, (first, float(loss.detach()))
+
+
+# ---------------------------------------------------------------------------------------- dissection: pick recall
+def test_pick_recall_is_the_dense_attention_share_of_the_picks(monkeypatch):
+    """`dsv4 inspect`'s indexer pick recall: per query, the share of a dense pass's compressed-entry attention
+    (softmax over window, every visible entry and the sink) that lands on the picks, mean over heads; the
+    captured per-layer number is its mean over queries that see an entry. 1 once the picks cover everything."""
+    from dsv4 import inspect as I
+    monkeypatch.setattr(Attention, "query_chunk", 16)
+    model = random_tiny(6).eval()
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 57), generator=torch.Generator().manual_seed(6))
+    seen = []
+    original = Attention._pick_recall
+
+    def spy(self, q, kw, band, t, comp, sel):
+        out = original(self, q, kw, band, t, comp, sel)
+        seen.append((self, q, kw, band, t, comp, sel, out))
+        return out
+    monkeypatch.setattr(Attention, "_pick_recall", spy)
+    with I.capture(model, what="indexer") as cap:
+        rec = cap.run(ids[0].tolist())
+    assert seen
+    per_layer = {}
+    for attn, q, kw, band, t, comp, sel, got in seen:
+        d = attn.head_dim
+        for c in range(q.shape[1]):
+            keys = kw[0, band[c]]
+            vis = int(t[c] + 1) // attn.ratio
+            z = torch.cat([keys, comp[0, :vis]]).double() @ q[0, c].double().T * d ** -0.5            # [n, h]
+            p = torch.cat([z, attn.attn_sink.detach().double()[None]]).softmax(0)[len(keys):-1]    # [vis, h]
+            picks = [int(j) for j in sel[0, c] if j >= 0]
+            want = (p[picks].sum(0) / p.sum(0)).mean() if vis else float("nan")
+            if vis:
+                assert abs(float(got[0, c]) - float(want)) < 1e-5
+                per_layer.setdefault(id(attn), []).append(float(got[0, c]))
+            else:
+                assert torch.isnan(got[0, c])
+    layers = [i for i, blk in enumerate(model.layers) if id(blk.attn) in per_layer]
+    assert layers
+    for i in layers:
+        vals = per_layer[id(model.layers[i].attn)]
+        assert rec["layers"][i]["indexer"]["pick_recall"] == pytest.approx(sum(vals) / len(vals), rel=1e-9)
+        assert 0 < rec["layers"][i]["indexer"]["pick_recall"] < 1          # top-4 of up to 14 entries
+
+    monkeypatch.setattr(Attention, "_pick_recall", original)
+    for m in model.modules():
+        if isinstance(m, Indexer):
+            monkeypatch.setattr(m, "topk", 10 ** 6)                       # every visible entry picked
+    with I.capture(model, what="indexer") as cap:
+        rec = cap.run(ids[0].tolist())
+    assert [rec["layers"][i]["indexer"]["pick_recall"] for i in layers] == pytest.approx([1.0] * len(layers), abs=1e-6)

@@ -144,13 +144,13 @@ def _attention(records, rep, n_layers) -> None:
 
 
 def _indexer(records, rep, n_layers) -> None:
-    keys = ("mean", "median", "max", "beyond_window", "bos_block_rate", "adjacent_jaccard")
+    keys = ("mean", "median", "max", "beyond_window", "bos_block_rate", "adjacent_jaccard", "pick_recall")
     if not any("indexer" in L for r in records for L in r["layers"]):
         return
     for k in keys:
         red = _nanmax if k == "max" else _mean
         rep["per_layer"]["indexer_" + ("reach_" + k if k in ("mean", "median", "max") else k)] = [
-            red([r["layers"][i]["indexer"][k] for r in records if "indexer" in r["layers"][i]])
+            red([r["layers"][i]["indexer"].get(k, float("nan")) for r in records if "indexer" in r["layers"][i]])
             if any("indexer" in r["layers"][i] for r in records) else None for i in range(n_layers)]
 
 
@@ -320,6 +320,10 @@ def _summary(rep: dict) -> dict:
     if "attn_sink" in pl:
         s["attn_sink_mass_mean"] = _mean(pl["attn_sink"])
         s["attn_sink_mass_max"] = _nanmax(pl["attn_sink"])
+    if "indexer_pick_recall" in pl:
+        s["indexer_pick_recall_mean"] = _mean(pl["indexer_pick_recall"])
+        s["indexer_pick_recall_min"] = min((v for v in pl["indexer_pick_recall"] if v is not None and v == v),
+                                           default=float("nan"))
     if rep["secondary_sinks"]:
         s["secondary_sink_tokens"] = [e["token"] for e in rep["secondary_sinks"][:5]]
     md = rep["modes"]

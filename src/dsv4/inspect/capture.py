@@ -12,7 +12,8 @@ What each target records, per layer of every run:
               sinks; plus the layer×layer CKA matrix of the run (from one n×n Gram matrix per layer)
   gates       the experts each token was routed to                                  -> experts [L, s, k]
   attention   attention mass on window / compressed / sink slots per head (the attention `recorder` hook)
-  indexer     how far back the CSA indexer's top-k reaches, and how much adjacent queries' picks overlap
+  indexer     how far back the CSA indexer's top-k reaches, how much adjacent queries' picks overlap, and how
+              much of a dense pass's attention on compressed entries its picks hold (pick recall)
   mhc         pre / post / comb maps of both sublayers: distance of comb from identity, Sinkhorn error, spectra
   logit_lens  each layer's streams read out through the final hyper-head, norm and head: top-1 agreement with
               the final prediction, next-token loss
@@ -228,6 +229,12 @@ class Capture:
                 st = M.indexer_reach(sel, pos, t["ratio"], window)
                 st["adjacent_jaccard"] = M.adjacent_overlap(sel)
                 L["indexer"] = st
+            elif event == "indexer_recall" and "indexer" in self.what:
+                r = t["recall"][0]                                                 # [C] per query of the chunk
+                seen = ~torch.isnan(r)
+                acc = L.setdefault("_recall", [0.0, 0])
+                acc[0] += float(r[seen].double().sum())
+                acc[1] += int(seen.sum())
         return rec
 
     # ------------------------------------------------------------------------------------------ driving
@@ -296,6 +303,10 @@ class Capture:
         for L in cur["layers"]:
             if "_lens_top1" in L:
                 L["lens_top1_agreement"] = float((L.pop("_lens_top1") == final_top1).double().mean())
+            if "_recall" in L:
+                total, n = L.pop("_recall")
+                if "indexer" in L:
+                    L["indexer"]["pick_recall"] = total / n if n else float("nan")
             if "_attn" in L:
                 acc = L.pop("_attn")
                 q = max(1, acc["queries"])

@@ -130,6 +130,10 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"Attention mass on the learned sink slot: mean {_fmt(s['attn_sink_mass_mean'])}, "
                      f"max layer {_fmt(s['attn_sink_mass_max'])} (the study could not read attention "
                      f"probabilities through its fused kernels).")
+    if "indexer_pick_recall_mean" in s:
+        lines.append(f"CSA indexer: its top-k picks hold {_fmt(s['indexer_pick_recall_mean'])} of the attention a "
+                     f"dense pass over every visible entry would put on compressed entries (mean over CSA layers; "
+                     f"lowest layer {_fmt(s['indexer_pick_recall_min'])}).")
     if s.get("secondary_sink_tokens"):
         lines.append("Most frequent secondary-sink tokens: " + ", ".join(repr(t) for t in s["secondary_sink_tokens"]) + ".")
     if "modes_compared" in s:

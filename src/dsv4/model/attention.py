@@ -396,7 +396,31 @@ class Attention(nn.Module):
         fp32. CSA picks are applied as a mask over all entries while they are few (N ≤ 4k: one dense GEMM beats
         a gather), and gathered otherwise, so memory stays O(C·(window + k)) at long context."""
         kw, band, comp = self._chunk_keys(raw, raw_start, t, t0, q.shape[1], comp)
+        if self.recorder is not None and sel is not None:
+            self.recorder("indexer_recall", recall=self._pick_recall(q, kw, band, t, comp, sel))
         return self._attend_keys(q, kw, band, t, comp, sel)
+
+    @torch.no_grad()
+    def _pick_recall(self, q, kw, band, t, comp, sel) -> torch.Tensor:
+        """Dissection: how much of the attention a dense pass would give the compressed entries lands on the
+        indexer's picks. The same softmax over every visible entry (as HCA attends), then per query and head
+        Σ_picks p / Σ_visible p, mean over heads -> [b, C], NaN for a query that sees no entry yet. 1 where
+        the picks cover every visible entry. Queries in sub-chunks, so the dense scores stay under 2^26."""
+        b, C, h = q.shape[:3]
+        out = torch.full((b, C), float("nan"), device=q.device)
+        N = 0 if comp is None else comp.shape[1]
+        if N == 0:
+            return out
+        step = max(1, (1 << 26) // max(1, b * h * (N + kw.shape[1])))
+        for c0 in range(0, C, step):
+            c1 = min(C, c0 + step)
+            p, kwc, _, _ = self._probs(q[:, c0:c1], kw, band[c0:c1], t[c0:c1], comp, None)
+            pc = p[..., kwc.shape[1]:-1]                                             # [b, C', h, N]
+            s = sel[:, c0:c1]
+            picked = pc.gather(-1, s.clamp(min=0)[:, :, None].expand(-1, -1, h, -1))
+            picked = picked.masked_fill(s[:, :, None] < 0, 0).sum(-1)                # [b, C', h]
+            out[:, c0:c1] = (picked / pc.sum(-1)).mean(-1)          # 0/0 = NaN: nothing visible yet
+        return out
 
     def _chunk_keys(self, raw, raw_start, t, t0, C, comp):
         """What C queries at positions t (from the int t0) see: raw keys kw [b, Nw, d] with band [C, Nw] (which
