@@ -273,6 +273,9 @@ def test_train_config_errors(tmp_path):
     assert tc.steps == 5 and tc.batch == 3 and tc.seq == 128 and tc.ablation["residual"] == "plain"
     with pytest.raises(TrainError, match="'steps' must be int"):
         TrainConfig.from_dict({"steps": "10"})
+    with pytest.raises(TrainError, match="'indexer_weight' is a loss weight"):
+        TrainConfig.from_dict({"indexer_weight": -1.0})
+    assert TrainConfig.from_dict({"indexer_weight": 0}).indexer_weight == 0
 
 
 def test_ablations_build_and_step(tmp_path, shards):

@@ -134,6 +134,10 @@ class TrainConfig:
         for name in ("steps", "batch", "seq", "grad_accum"):
             if getattr(self, name) < 1:
                 raise TrainError(f"training setting '{name}' must be ≥ 1, got {getattr(self, name)}")
+        for name in ("mtp_weight", "balance_weight", "indexer_weight"):
+            if getattr(self, name) < 0:
+                raise TrainError(f"training setting '{name}' is a loss weight and must be ≥ 0 (0 = that loss off), "
+                                 f"got {getattr(self, name)}")
         for item in self.seq_schedule:
             if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, int) for x in item)):
                 raise TrainError(f"seq_schedule entries are [from_step, seq_len] pairs of ints, got {item!r}")
