@@ -8,6 +8,9 @@
 #   ops      which source lines issue the step's dtype copies, cats and multiplies (op_sources.py)   (~1 min)
 #   compile  compiled blocks (`dsv4 train --compile`) with the Triton attention forward: gradients against
 #            eager by name, tok/s, and replayed from a CUDA graph (bench_gpu.py --sections compile,graph)   (~5 min)
+#   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
+#            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
+#            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)
 # Everything lands in $OUT (logs and JSON).
 #
 #     OUT=/some/dir bash benchmarks/gpu_checks.sh                       # parts tests indexer train (< 10 min)
@@ -64,3 +67,9 @@ want ops && head -45 "$OUT/op_sources.txt"
 # 5. compiled blocks with the Triton forward (not yet run on a GPU since it became the default)
 want compile && step compile 330 python3 benchmarks/bench_gpu.py --out "$OUT" --sections compile,graph --budget-s 240
 want compile && grep '^{' "$OUT/compile.log" | cut -c1-240
+
+# 6. the README table from one run (dsv4 then transformers, each in its own process), and its markdown
+want table && step side_by_side 540 python3 benchmarks/bench_side_by_side.py run --out "$OUT" \
+    --sections check,train,graph,recipe,decode,prefill --max-context 1048576 --dsv4-timeout 440 --hf-timeout 80
+want table && python3 benchmarks/bench_side_by_side.py table --dsv4 "$OUT/dsv4_gpu.json" --hf "$OUT/hf.jsonl" \
+    --out "$OUT" > "$OUT/table.log" 2>&1; cat "$OUT/side_by_side.md" 2>/dev/null | head -40
