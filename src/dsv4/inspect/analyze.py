@@ -322,7 +322,7 @@ def _summary(rep: dict) -> dict:
         s["attn_sink_mass_max"] = _nanmax(pl["attn_sink"])
     if "indexer_pick_recall" in pl:
         s["indexer_pick_recall_mean"] = _mean(pl["indexer_pick_recall"])
-        s["indexer_pick_recall_min"] = min((v for v in pl["indexer_pick_recall"] if v is not None and v == v),
+        s["indexer_pick_recall_min"] = min((v for v in pl["indexer_pick_recall"] if v is not None and not math.isnan(v)),
                                            default=float("nan"))
     if rep["secondary_sinks"]:
         s["secondary_sink_tokens"] = [e["token"] for e in rep["secondary_sinks"][:5]]

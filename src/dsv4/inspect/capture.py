@@ -230,7 +230,7 @@ class Capture:
                 st["adjacent_jaccard"] = M.adjacent_overlap(sel)
                 L["indexer"] = st
             elif event == "indexer_recall" and "indexer" in self.what:
-                r = t["recall"][0]                                                 # [C] per query of the chunk
+                r = t["recall"]()[0]                                               # [C] per query of the chunk
                 seen = ~torch.isnan(r)
                 acc = L.setdefault("_recall", [0.0, 0])
                 acc[0] += float(r[seen].double().sum())

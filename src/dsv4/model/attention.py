@@ -152,9 +152,9 @@ class Indexer(nn.Module):
 
 
 def _kl_sum(q, w, keys, sel, target, dense: bool) -> torch.Tensor:
-    """Σ over queries of KL(target ‖ softmax(s)), s the indexer's scores of the picks (−1 picks: s masked, target 0).
-    dense: score every entry by one GEMM and take the picks' scores (few entries), else gather the picked keys.
-    The mask is finite, so a query without picks gives 0 and no NaN (its target is all 0)."""
+    """Σ over queries of KL(target ‖ softmax(s)), s the indexer's scores of the picks (−1 picks: s masked,
+    target 0). dense: score every entry by one GEMM and take the picks' scores (few entries), else gather the
+    picked keys. The mask is finite, so a query without picks gives 0 and no NaN (its target is all 0)."""
     b, C, k = sel.shape
     if dense:
         s = torch.einsum("bchd,bnd->bchn", q, keys.to(q.dtype)).float().relu()
@@ -396,8 +396,8 @@ class Attention(nn.Module):
         fp32. CSA picks are applied as a mask over all entries while they are few (N ≤ 4k: one dense GEMM beats
         a gather), and gathered otherwise, so memory stays O(C·(window + k)) at long context."""
         kw, band, comp = self._chunk_keys(raw, raw_start, t, t0, q.shape[1], comp)
-        if self.recorder is not None and sel is not None:
-            self.recorder("indexer_recall", recall=self._pick_recall(q, kw, band, t, comp, sel))
+        if self.recorder is not None and sel is not None:   # a callable: computed only if the recorder asks
+            self.recorder("indexer_recall", recall=lambda: self._pick_recall(q, kw, band, t, comp, sel))
         return self._attend_keys(q, kw, band, t, comp, sel)
 
     @torch.no_grad()

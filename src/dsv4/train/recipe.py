@@ -1,5 +1,6 @@
 """The V4 training recipe pieces that live outside the optimizer: losses (next token + MTP + sequence-wise
-balance + the CSA indexers' KL), aux-loss-free bias balancing, anticipatory routing, and learning-rate / sequence-length schedules."""
+balance + the CSA indexers' KL), aux-loss-free bias balancing, anticipatory routing, and learning-rate /
+sequence-length schedules."""
 from __future__ import annotations
 
 import math

@@ -67,7 +67,7 @@ class TrainConfig:
     optimizer: str = "muon"                 # muon (Muon + AdamW, the V4 recipe) | adamw (ablation)
     mtp_weight: float = 0.3
     balance_weight: float = 1e-4
-    indexer_weight: float = 1.0             # CSA indexers' KL loss against the main attention (0 = indexers stay frozen)
+    indexer_weight: float = 1.0             # CSA indexers' KL loss against the main attention (0: they stay frozen)
     bias_update_speed: float = 1e-3
     anticipatory: bool = True
     anticipatory_delta: int = 10
@@ -411,7 +411,8 @@ class Trainer:
         for _ in range(self.tc.eval_batches):
             x, y = next(val)
             with torch.autocast(**self.autocast):
-                losses.append(float(compute_loss(self.model, x.to(self.device), y.to(self.device), 0.0, 0.0, 0.0).lm))
+                parts = compute_loss(self.model, x.to(self.device), y.to(self.device), 0.0, 0.0, 0.0)
+                losses.append(float(parts.lm))
         self.model.train()
         return self._mean(sum(losses) / len(losses))
 
