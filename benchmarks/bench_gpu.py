@@ -54,6 +54,16 @@ def log(**kw) -> None:
         OUT_JSON.write_text(json.dumps(RESULTS, indent=1))
 
 
+def start_results(out: str | Path, json_name: str, config: str | Path):
+    """The A/B scripts' common start: records go to OUT/json_name (rewritten at every record), an env row
+    first; -> the model config."""
+    global OUT_JSON
+    Path(out).mkdir(parents=True, exist_ok=True)
+    OUT_JSON = Path(out) / json_name
+    log(what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    return load_config(config)
+
+
 def timed(fn, reps: int = 3) -> float:
     ts = []
     for _ in range(reps):

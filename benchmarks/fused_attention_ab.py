@@ -34,7 +34,6 @@ sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
 from bench_gpu import ab_train, build, log, timed  # noqa: E402
-from dsv4.config import load_config  # noqa: E402
 from dsv4.inference.generate import prefill  # noqa: E402
 from dsv4.model import (Transformer, init_weights, sparse_attention, sparse_attention_bwd,  # noqa: E402
                         sparse_attention_fwd)
@@ -197,10 +196,7 @@ def main() -> int:
                     help="head counts for the bwd and fwd sections (the bench config has 16; V4 has 64 / 128)")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    bench_gpu.OUT_JSON = Path(args.out) / "fused_ab.json"
-    cfg = load_config(args.config)
-    log(what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    cfg = bench_gpu.start_results(args.out, "fused_ab.json", args.config)
     sections = args.sections.split(",")
     if "check" in sections:
         check(cfg)

@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu  # noqa: E402
 from bench_gpu import log, timed  # noqa: E402
 
-from dsv4.config import load_config  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
 from dsv4.train.recipe import compute_loss  # noqa: E402
 
@@ -26,9 +25,7 @@ def main() -> int:
     ap.add_argument("--config", default=str(Path(__file__).resolve().parent / "bench_small.json"))
     ap.add_argument("--batch", type=int, default=2)
     args = ap.parse_args()
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    bench_gpu.OUT_JSON = Path(args.out) / "indexer_loss_cost.json"
-    cfg = load_config(args.config)
+    cfg = bench_gpu.start_results(args.out, "indexer_loss_cost.json", args.config)
     model = init_weights(Transformer(cfg), seed=0).cuda().train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, 4097), device="cuda")
     x, y = ids[:, :-1], ids[:, 1:]

@@ -30,7 +30,6 @@ sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
 from bench_gpu import ab_train, build, grads_rel_diff, log, loss_and_grads, timed  # noqa: E402
-from dsv4.config import load_config  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
 from dsv4.model.mhc import Fusion, hc_pre_fast  # noqa: E402
 
@@ -130,10 +129,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=300)
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    bench_gpu.OUT_JSON = Path(args.out) / "mhc_mix_ab.json"
-    cfg = load_config(args.config)
-    log(what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    cfg = bench_gpu.start_results(args.out, "mhc_mix_ab.json", args.config)
     sections = args.sections.split(",")
     default = Fusion.mix_kernel
     if "check" in sections:

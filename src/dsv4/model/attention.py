@@ -168,6 +168,11 @@ def _kl_sum(q, w, keys, sel, target, dense: bool) -> torch.Tensor:
     return (target * (target.clamp_min(1e-30).log() - s.log_softmax(-1))).sum()
 
 
+def _probs_at_picks(p: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """p [b, C, h, N] over all compressed entries -> [b, C, h, k] at the picks sel [b, C, k], 0 at −1 picks."""
+    return p.gather(-1, sel.clamp(min=0)[:, :, None].expand(-1, -1, p.shape[2], -1)).masked_fill(sel[:, :, None] < 0, 0)
+
+
 class Attention(nn.Module):
     query_chunk = 512
     fused = True             # one-pass calls on CUDA (prefill, scoring, training) use the fused sparse MQA
@@ -417,8 +422,7 @@ class Attention(nn.Module):
             p, kwc, _, _ = self._probs(q[:, c0:c1], kw, band[c0:c1], t[c0:c1], comp, None)
             pc = p[..., kwc.shape[1]:-1]                                             # [b, C', h, N]
             s = sel[:, c0:c1]
-            picked = pc.gather(-1, s.clamp(min=0)[:, :, None].expand(-1, -1, h, -1))
-            picked = picked.masked_fill(s[:, :, None] < 0, 0).sum(-1)                # [b, C', h]
+            picked = _probs_at_picks(pc, s).sum(-1)                                  # [b, C', h]
             out[:, c0:c1] = (picked / pc.sum(-1)).mean(-1)          # 0/0 = NaN: nothing visible yet
         return out
 
@@ -493,7 +497,7 @@ class Attention(nn.Module):
                 out.append(torch.zeros(sc.shape, device=q.device))
                 continue
             if not gathered:
-                pc = pc.gather(-1, sc.clamp(min=0)[:, :, None].expand(-1, -1, pc.shape[2], -1))
+                pc = _probs_at_picks(pc, sc)
             pc = pc.sum(2).masked_fill_(sc < 0, 0)                                   # [b, C, k]
             out.append(pc / pc.sum(-1, keepdim=True).clamp_min(1e-30))
         return torch.cat(out, 1)
