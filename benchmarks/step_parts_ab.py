@@ -1,0 +1,116 @@
+"""A/B of two training-step rewrites on one GPU (bench config, bf16), each against the form it replaced, in one
+process:
+
+  expand   mHC's expand h'_k = post_k·y + Σ_j comb[j,k]·h_j under torch.compile: as a broadcast product summed
+           over j (now: inductor fuses it) against the einsum (before: a cuBLAS batched GEMM of 4×4 by 4×D per
+           token, fp32)
+  experts  the routed experts' weights stacked for the grouped GEMMs: three stacks and a cat (now) against one
+           cat per expert and a stack (before)
+
+    python benchmarks/step_parts_ab.py --out DIR [--sections op,train] [--budget-s 240]
+
+  op     each part alone at b2x4096, forward + backward, ms (median of 5), and how far apart the two forms are
+  train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss), old forms vs new, twice each, interleaved
+Writes DIR/step_parts_ab.json after every record.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+import bench_gpu  # noqa: E402
+from bench_gpu import ab_train, build, log, timed  # noqa: E402
+from dsv4.model import Transformer, mhc, transformer  # noqa: E402
+from dsv4.model.moe import MoE  # noqa: E402
+
+
+def expand_einsum(y, h, post, comb):
+    """hc_expand as it was before the broadcast form (einsum also under torch.compile)."""
+    out = post.unsqueeze(-1) * y.float().unsqueeze(-2) + torch.einsum("bsjk,bsjd->bskd", comb, h.float())
+    return out.to(y.dtype)
+
+
+def experts_per_expert_cat(self, dtype):
+    """MoE._expert_weights as it was: one cat per expert, then a stack."""
+    w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts]).to(dtype)
+    return w13, torch.stack([e.w2.weight for e in self.experts]).to(dtype)
+
+
+NEW = {"expand": transformer.hc_expand_fast, "experts": MoE._expert_weights}
+OLD = {"expand": mhc.fused(expand_einsum), "experts": experts_per_expert_cat}
+
+
+def use(form: dict) -> None:
+    transformer.hc_expand_fast = form["expand"]
+    MoE._expert_weights = form["experts"]
+    torch._dynamo.reset()
+
+
+def _rel(a, b) -> float:
+    return float((a.detach().float() - b.detach().float()).norm() / (b.detach().float().norm() + 1e-30))
+
+
+def op(cfg) -> None:
+    b, s, n, D = 2, int(os.environ.get("AB_SEQ", 4096)), cfg.hc_mult, cfg.hidden_size
+    torch.manual_seed(0)
+    h = torch.randn(b, s, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randn(b, s, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    post = torch.rand(b, s, n, device="cuda").requires_grad_()
+    comb = torch.rand(b, s, n, n, device="cuda").requires_grad_()
+    res = {}
+    for name, fn in (("einsum", OLD["expand"]), ("broadcast", NEW["expand"])):
+        def step():
+            out = fn(y, h, post, comb)
+            return out, torch.autograd.grad(out.float().square().sum(), (y, h, post, comb))
+        for _ in range(2):
+            step()
+        res[name] = step()
+        log(what="op", part="expand", form=name, ms=timed(step, 5) * 1e3)
+    (o0, g0), (o1, g1) = res["einsum"], res["broadcast"]
+    log(what="op_diff", part="expand", out_rel=_rel(o1, o0), grad_rel=[_rel(a, r) for a, r in zip(g1, g0)])
+
+    moe = build(cfg).layers[2].ffn                      # one MoE layer's 64 experts, bf16
+    for name, fn in (("per-expert cat", OLD["experts"]), ("stacks", NEW["experts"])):
+        def step():
+            w13, w2 = fn(moe, torch.bfloat16)
+            torch.autograd.backward((w13, w2), (torch.ones_like(w13), torch.ones_like(w2)))
+            moe.zero_grad(set_to_none=True)
+            return w13, w2
+        step()
+        res[name] = step()
+        log(what="op", part="experts", form=name, ms=timed(step, 5) * 1e3)
+    log(what="op_diff", part="experts", equal=all(torch.equal(a, r) for a, r in zip(res["stacks"], res["per-expert cat"])))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--config", default=str(HERE / "bench_small.json"))
+    ap.add_argument("--sections", default="op,train")
+    ap.add_argument("--budget-s", type=float, default=240)
+    args = ap.parse_args()
+    deadline = time.time() + args.budget_s
+    cfg = bench_gpu.start_results(args.out, "step_parts_ab.json", args.config)
+    sections = args.sections.split(",")
+    if "op" in sections:
+        op(cfg)
+    if "train" in sections:
+        model = build(cfg)
+        Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
+        forms = [(lambda f=f: use(f), dict(forms=label)) for label, f in (("before", OLD), ("now", NEW)) * 2]
+        ab_train(cfg, model, deadline, forms)
+    use(NEW)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
