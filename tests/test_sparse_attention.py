@@ -234,3 +234,33 @@ def test_triton_forward_and_backward_give_reference_gradients(flex_anywhere, mon
     assert len(calls) == model.cfg.num_hidden_layers
     for n, g in grads[0].items():     # 3e-4 as for the Triton backward after FlexAttention's forward
         assert float((grads[1][n] - g).norm()) <= 3e-4 * float(g.norm()) + 1e-9, n
+
+
+def test_without_the_triton_backward_gradients_still_flow(flex_anywhere, monkeypatch):
+    """Where the Triton backward cannot compile (on the H100: fp32 at head_dim 512, out of shared memory), a call
+    that needs gradients must not run the Triton forward — a plain kernel, whose output carries no gradient back
+    (seen on the H100: an fp32 model's attention projections got none) — but FlexAttention's differentiable
+    forward. On CUDA every parameter gradient then equals the reference path's."""
+    from dsv4.model import sparse_attention_fwd
+
+    def triton_forward(*args, **kwargs):
+        raise AssertionError("the Triton forward ran where gradients are needed")
+    monkeypatch.setattr(sparse_attention, "_backward_compiles", lambda q: False)
+    monkeypatch.setattr(sparse_attention.Forward, "triton", True)
+    monkeypatch.setattr(sparse_attention_fwd, "available", lambda q: True)
+    monkeypatch.setattr(sparse_attention_fwd, "forward", triton_forward)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 40, 16, 32, generator=g).to(flex_anywhere).requires_grad_()
+    kv, comp = torch.randn(1, 40, 32, generator=g).to(flex_anywhere), torch.randn(1, 10, 32, generator=g).to(flex_anywhere)
+    if not CUDA:         # FlexAttention refuses inputs that need gradients on the CPU: a differentiable stand-in
+        monkeypatch.setattr(sparse_attention, "_forward",
+                            lambda q, *a: (q * 2, torch.zeros(q.shape[:3], device=q.device)))
+    out = sparse_attention.attend(q, kv, comp, None, torch.zeros(16, device=flex_anywhere), 8, 4)
+    assert out.requires_grad and out.shape == q.shape
+    if CUDA:
+        monkeypatch.setattr(Attention, "fused_training", True)
+        model = random_tiny(6).float().cuda().train()
+        ids = torch.randint(0, model.cfg.vocab_size, (2, 90), generator=torch.Generator().manual_seed(3)).cuda()
+        grads = _reference_and_fused_grads(model, ids, monkeypatch)
+        for n, ref in grads[0].items():
+            assert float((grads[1][n] - ref).norm()) <= 1e-3 * float(ref.norm()) + 1e-9, n

@@ -53,9 +53,13 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
     """q [b,L,h,d] at positions 0…L−1; kv [b,L,d] their raw KV; comp [b,N,d] compressed entries (entry j
     visible from position (j+1)·ratio − 1 on) or None; sel [b,L,k] CSA picks (−1 = none) or None (HCA: every
     visible entry); sink [h] -> o [b, L, h, d] in q's dtype. With gradients needed and `Backward.triton`, the
-    backward is the Triton kernel of sparse_attention_bwd.py instead of FlexAttention's."""
-    if needs_grad(q, kv, comp, sink) and Backward.triton and sparse_attention_bwd.available(q) and _backward_compiles(q):
-        return _sparse_mqa(q, kv, comp, sink, sel, window, ratio, kernel_options)
+    backward is the Triton kernel of sparse_attention_bwd.py instead of FlexAttention's; without it (off, or not
+    compiling here, e.g. fp32 at head_dim 512 on an H100) FlexAttention's differentiable forward runs: the Triton
+    forward is a plain kernel, its output would carry no gradient back."""
+    if needs_grad(q, kv, comp, sink):
+        if Backward.triton and sparse_attention_bwd.available(q) and _backward_compiles(q):
+            return _sparse_mqa(q, kv, comp, sink, sel, window, ratio, kernel_options)
+        return _with_sink(*_forward(q, kv, comp, sel, window, ratio, kernel_options), sink)[0]
     return _output_and_lse(q, kv, comp, sel, sink, window, ratio, kernel_options)[0]
 
 
