@@ -350,3 +350,29 @@ def test_dsv4_train_command(tmp_path, shards, capsys):
     assert "resumed at step 2" in capsys.readouterr().out
     assert main(["train", "--set", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_graphed_step_warms_up_and_captures_one_layout(monkeypatch):
+    """Compiled blocks guard on strides: a GraphedStep's eager warm-up calls must see the layout its capture
+    sees (contiguous clones), also when the caller passes strided views such as ids[:, :-1] of a batch —
+    otherwise the capture recompiles, which reads values back (the H100 run of `--compile` with a CUDA graph at
+    batch 2 failed so). The CUDA parts are stubbed: this runs anywhere."""
+    from dsv4.train.graphed import GraphedStep
+    seen = []
+
+    def eager(self, inputs):
+        seen.append(("warm-up", [x.stride() for x in inputs]))
+        return (torch.zeros(()),)
+
+    def capture(self, key, inputs):
+        seen.append(("capture", [x.clone().stride() for x in inputs]))    # _capture runs on clones
+        self.graphs[key] = None
+    monkeypatch.setattr(GraphedStep, "_eager", eager)
+    monkeypatch.setattr(GraphedStep, "_capture", capture)
+    monkeypatch.setattr(GraphedStep, "_replay", lambda self, key, inputs: (torch.zeros(()),))
+    step = GraphedStep(torch.nn.Linear(2, 2), lambda x, y: (x.sum(),), warmup=2)
+    ids = torch.arange(2 * 9).view(2, 9)
+    for _ in range(3):
+        step(ids[:, :-1], ids[:, 1:])
+    assert [what for what, _ in seen] == ["warm-up", "warm-up", "capture"]
+    assert all(strides == seen[-1][1] for _, strides in seen), seen

@@ -46,6 +46,10 @@ class GraphedStep:
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.check_inputs is not None:
             self.check_inputs(*inputs)
+        # the warm-up and the capture must see one memory layout: compiled blocks guard on strides, and a capture
+        # fed contiguous clones of a strided view (ids[:, :-1] of a batch) recompiled inside the capture, which
+        # reads values back and failed (H100, --compile with a CUDA graph at batch 2)
+        inputs = tuple(x.contiguous() for x in inputs)
         key = (tuple((tuple(x.shape), x.dtype) for x in inputs), torch.is_autocast_enabled("cuda"))
         if key in self.graphs:
             return self._replay(key, inputs)
