@@ -4,10 +4,11 @@
     python benchmarks/bench_gpu.py --out DIR [--sections train,prefill,decode,compile] [--max-context 1048576]
 
 Measures (each printed as one JSON line as it finishes, all collected in DIR/dsv4_gpu.json):
-  train     forward+backward tok/s and peak memory at b1x4096 and b2x4096, LM loss only (what the
-            transformers baseline measures) and with the MTP loss of the V4 recipe, the latter also with the
-            chunked head + cross-entropy `dsv4 train` runs (no full logits); MFU against the bf16
-            matmul peak measured in the same run
+  train     forward+backward tok/s and peak memory at b1x4096 and b2x4096: LM loss only (what the
+            transformers baseline measures) through the model's own loss (forward(targets=): the fused, chunked
+            head + cross-entropy of model/head_loss.py, as `dsv4 train` runs it), once more as cross-entropy over
+            full logits ('full logits', as transformers computes it), and with the MTP loss of the V4 recipe;
+            MFU against the bf16 matmul peak measured in the same run
   graph     the training step captured in a CUDA graph (train.graphed): gradients against eager steps, then
             tok/s as above (also after `compile` when both are asked for)
   recipe    `dsv4 train`'s own micro-step (fp32 weights, bf16 autocast, LM + MTP + balance losses, chunked),
@@ -133,7 +134,7 @@ def make_loss(model, mtp: bool, chunked_loss: bool, recipe: bool = False, indexe
 def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = False, graph: bool = False,
                 recipe: bool = False, indexer_weight: float = 1.0) -> None:
     """fwd+bwd tok/s per TRAIN_SHAPES. Loss: cross-entropy over the full logits (as the transformers baseline), or
-    with chunked_loss the head + cross-entropy in checkpointed chunks that `dsv4 train` runs (forward(targets=)).
+    with chunked_loss the fused, chunked head + cross-entropy that `dsv4 train` runs (forward(targets=)).
     graph: the step captured in a CUDA graph and replayed (train.graphed.GraphedStep, as `dsv4 train --cuda-graph`).
     recipe: exactly `dsv4 train`'s micro-step on a GPU — fp32 weights, bf16 autocast, `compute_loss` (chunked LM
     + MTP + sequence-balance + CSA indexer losses; indexer_weight 0 leaves the last out); `model` must then hold
@@ -356,13 +357,13 @@ def main() -> int:
         log(what="check", grouped_vs_loop_rel=float((fast - ref).norm() / ref.norm()))
     try:
         if "train" in sections and time.time() < deadline:
-            bench_train(cfg, model, peak, "eager", mtp=False)
-            bench_train(cfg, model, peak, "eager", mtp=True)
-            bench_train(cfg, model, peak, "eager, chunked loss", mtp=True, chunked_loss=True)
+            bench_train(cfg, model, peak, "eager", mtp=False, chunked_loss=True)
+            bench_train(cfg, model, peak, "eager, full logits", mtp=False)       # the loss as transformers takes it
+            bench_train(cfg, model, peak, "eager, fused head loss", mtp=True, chunked_loss=True)
         graph_ok = "graph" in sections and time.time() < deadline and graph_check(model, cfg, out)
         if graph_ok:
-            bench_train(cfg, model, peak, "CUDA graph", mtp=False, graph=True)
-            bench_train(cfg, model, peak, "CUDA graph, chunked loss", mtp=True, chunked_loss=True, graph=True)
+            bench_train(cfg, model, peak, "CUDA graph", mtp=False, chunked_loss=True, graph=True)
+            bench_train(cfg, model, peak, "CUDA graph, fused head loss", mtp=True, chunked_loss=True, graph=True)
         if "recipe" in sections and time.time() < deadline:      # what `dsv4 train` runs: fp32 weights + autocast
             master = init_weights(Transformer(cfg), seed=0).cuda()
             bench_train(cfg, master, peak, "dsv4 train step (fp32 weights, bf16 autocast)", mtp=True, recipe=True)
@@ -387,10 +388,10 @@ def main() -> int:
             comp = loss_and_grads(model, ids)
             log(what="compile_check", loss_eager=eager[0], loss_compiled=comp[0],
                 grad_rel_diff=grads_rel_diff(comp[1], eager[1]), compile_s=time.time() - t)
-            bench_train(cfg, model, peak, "compiled blocks", mtp=False)
+            bench_train(cfg, model, peak, "compiled blocks", mtp=False, chunked_loss=True)
             if graph_ok and time.time() < deadline:
-                bench_train(cfg, model, peak, "compiled blocks, CUDA graph", mtp=False, graph=True)
-                bench_train(cfg, model, peak, "compiled blocks, CUDA graph, chunked loss", mtp=True,
+                bench_train(cfg, model, peak, "compiled blocks, CUDA graph", mtp=False, chunked_loss=True, graph=True)
+                bench_train(cfg, model, peak, "compiled blocks, CUDA graph, fused head loss", mtp=True,
                             chunked_loss=True, graph=True)
             log(what="compile_time_s_incl_bench", s=time.time() - t)
     finally:

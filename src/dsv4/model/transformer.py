@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, AttnCache
+from .head_loss import head_cross_entropy
 from .layers import Linear, RMSNorm
 from .mhc import hc_expand_fast, hc_head_fast, hc_pre_fast
 from .moe import MoE
@@ -111,11 +112,12 @@ class Transformer(nn.Module):
             h, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, self.cfg.hc_eps, self.cfg.rms_norm_eps)
         return norm(x)
 
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        """[.., D] -> fp32 logits [.., vocab]."""
+    def _project(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """[.., D] -> fp32 logits [.., vocab] (w: the head weight, or a stand-in for it)."""
+        w = self.head.weight if w is None else w
         if self.head_fp32:                                                          # fp32 head, as official
-            return F.linear(x.float(), self.head.weight.float())
-        return F.linear(x, self.head.weight.to(x.dtype)).float()
+            return F.linear(x.float(), w.float())
+        return F.linear(x, w.to(x.dtype)).float()
 
     def _logits(self, h: torch.Tensor, owner: nn.Module, norm: RMSNorm,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,20 +128,12 @@ class Transformer(nn.Module):
     loss_chunk = 2048          # tokens per chunk of the fused head + cross-entropy (targets= in forward / mtp_forward)
 
     def _cross_entropy(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of head(x) [b, s, D] against targets [b, s], `loss_chunk` tokens at a time, each
-        chunk's logits recomputed in the backward (activation checkpointing): fp32 logits and their gradient
-        exist for one chunk only (at 129K vocab, 1 GiB per 2048 tokens, against 4 GiB per 8K-token batch for
-        each of them unchunked). Same value and gradients as cross_entropy(logits) up to summation order."""
-        from torch.utils.checkpoint import checkpoint
-        x, t = x.flatten(0, 1), targets.flatten()
-        total = x.new_zeros((), dtype=torch.float32)
-        for i in range(0, x.shape[0], self.loss_chunk):
-            total = total + checkpoint(self._ce_sum, x[i:i + self.loss_chunk], t[i:i + self.loss_chunk],
-                                       use_reentrant=False, preserve_rng_state=False)   # no randomness here
-        return total / t.numel()
-
-    def _ce_sum(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self._project(x), t, reduction="sum")
+        """Mean cross-entropy of head(x) [b, s, D] against targets [b, s], `loss_chunk` tokens at a time
+        (`head_loss`): fp32 logits exist for one chunk only (at 129K vocab, 1 GiB per 2048 tokens, against 4 GiB
+        per 8K-token batch unchunked), and in training each chunk's gradients are taken in the forward, so none
+        are kept or recomputed. Same value and gradients as cross_entropy(logits) up to summation order."""
+        t = targets.flatten()
+        return head_cross_entropy(x.flatten(0, 1), self.head.weight, t, self._project, self.loss_chunk) / t.numel()
 
     def hidden(self, input_ids: torch.Tensor, start_pos: int = 0, caches: list[AttnCache] | None = None) -> torch.Tensor:
         """Final residual streams [b, s, n, D] (what MTP and the dissection hooks consume)."""

@@ -1,0 +1,68 @@
+"""The output head and its cross-entropy as one step, chunk by chunk (training's LM and MTP losses).
+
+At V4's 129K vocabulary the logits are a step's largest activation: fp32 [tokens, vocab], 4 GiB per 8K tokens,
+and as much again for their gradient and for each elementwise pass of the softmax. Here a chunk's logits live
+only while its loss and gradients are taken. Since the loss is what gets differentiated, the forward computes
+per chunk loss = logsumexp(z) − z[target] and, at once, dz = softmax(z) − onehot(target), then dx and dW
+through the projection's own backward; the backward only scales them by the incoming gradient. No logits are
+kept for the backward and none recomputed (activation checkpointing ran the head's GEMM twice).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+Project = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]      # (x [c, D], w [V, D]) -> fp32 logits [c, V]
+
+
+def _loss(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [c, V] fp32 logits, t [c] targets -> (Σ cross-entropy, logsumexp [c])."""
+    lse = torch.logsumexp(z, -1)
+    return (lse - z.gather(1, t[:, None]).squeeze(1)).sum(), lse
+
+
+def head_cross_entropy(x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, project: Project, chunk: int) -> torch.Tensor:
+    """Σ over tokens of cross_entropy(project(x, w), t): x [T, D], w [V, D], t [T] ids in [0, V) -> fp32 scalar.
+    Differentiable in x and w; without gradients it only sums the chunks' losses."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return HeadCrossEntropy.apply(x, w, t, project, chunk)
+    return sum(_loss(project(x[i:i + chunk], w), t[i:i + chunk])[0] for i in range(0, x.shape[0], chunk))
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """See the module docstring. The projection (with autocast, if on) and its backward are the ones an
+    unchunked `cross_entropy(project(x, w), t)` would run, so the numerics match it up to summation order."""
+
+    @staticmethod
+    def forward(ctx, x, w, t, project: Project, chunk: int):
+        want_x, want_w = ctx.needs_input_grad[:2]
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        dx = torch.empty_like(x) if want_x else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+        wl = w.detach().requires_grad_(want_w)
+        for i in range(0, x.shape[0], chunk):
+            xc, tc = x[i:i + chunk].detach().requires_grad_(want_x), t[i:i + chunk]
+            with torch.enable_grad():
+                z = project(xc, wl)                                                # [c, V] fp32
+            loss, lse = _loss(z.detach(), tc)
+            total += loss
+            dz = torch.exp(z.detach() - lse[:, None])                              # softmax
+            dz.scatter_add_(1, tc[:, None], torch.full_like(tc[:, None], -1, dtype=dz.dtype))
+            grads = torch.autograd.grad(z, [a for a in (xc, wl) if a.requires_grad], dz)
+            if want_x:
+                dx[i:i + chunk] = grads[0]
+            if want_w:
+                dw += grads[-1]
+            del z, dz, grads
+        ctx.save_for_backward(dx, dw)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        dx, dw = ctx.saved_tensors
+        return (None if dx is None else dx * g.to(dx.dtype),
+                None if dw is None else (dw * g).to(ctx.w_dtype), None, None, None)

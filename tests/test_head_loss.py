@@ -1,0 +1,58 @@
+"""The fused, chunked head + cross-entropy (model/head_loss.py) equals cross_entropy over the full logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv4.model.head_loss import head_cross_entropy
+
+
+def _project(x, w):
+    return F.linear(x.float(), w.float())
+
+
+def _data(T=37, D=12, V=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(T, D, generator=g), torch.randn(V, D, generator=g), torch.randint(0, V, (T,), generator=g)
+
+
+@pytest.mark.parametrize("chunk", [5, 37, 100])
+@pytest.mark.parametrize("which", ["both", "x", "w"])
+def test_value_and_gradients_equal_full_logits(chunk, which):
+    """Ragged / exact / single chunks; gradients for x, w or both (the other gets none); an upstream scale
+    (mean and weighting) reaches both gradients."""
+    x, w, t = _data()
+    x.requires_grad_(which in ("both", "x"))
+    w.requires_grad_(which in ("both", "w"))
+    ref = F.cross_entropy(_project(x, w), t, reduction="sum")
+    ref_g = torch.autograd.grad(0.3 * ref / 37, [a for a in (x, w) if a.requires_grad])
+    got = head_cross_entropy(x, w, t, _project, chunk)
+    got_g = torch.autograd.grad(0.3 * got / 37, [a for a in (x, w) if a.requires_grad])
+    assert abs(float(got - ref)) <= 1e-6 * float(ref)
+    for a, r in zip(got_g, ref_g):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-7)
+
+
+def test_without_gradients_only_the_loss():
+    x, w, t = _data(seed=1)
+    x.requires_grad_()
+    with torch.no_grad():
+        got = head_cross_entropy(x, w, t, _project, 8)
+    assert not got.requires_grad
+    assert abs(float(got - F.cross_entropy(_project(x, w), t, reduction="sum"))) <= 1e-5
+
+
+def test_under_bf16_autocast_gradients_follow_the_autocast_projection():
+    """With autocast on, the chunks' projection and its backward run as an unchunked autocast projection
+    would (bf16 GEMMs); gradients agree to bf16 rounding, in the parameters' own dtype."""
+    x, w, t = _data(T=64, D=32, V=300, seed=2)
+    x.requires_grad_()
+    w.requires_grad_()
+    proj = lambda a, b: F.linear(a, b).float()          # noqa: E731 - the model's bf16 head form
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(proj(x, w), t, reduction="sum")
+        got = head_cross_entropy(x, w, t, proj, 16)
+    ref_g, got_g = torch.autograd.grad(ref, (x, w)), torch.autograd.grad(got, (x, w))
+    assert abs(float(got - ref)) <= 1e-5 * float(ref)
+    for a, r in zip(got_g, ref_g):
+        assert a.dtype == torch.float32
+        assert float((a - r).norm()) <= 2e-2 * float(r.norm())
