@@ -1,4 +1,4 @@
-"""Memory of the training loss at V4's 129K vocabulary: full logits + cross-entropy against the chunked head +
+"""Memory of the training loss at V4's 129K vocabulary: full logits + cross-entropy against the fused, chunked head +
 cross-entropy of `Transformer.forward(targets=...)` (what `dsv4 train` runs), on the CPU.
 
     python benchmarks/cpu_loss_memory.py [--batch 4] [--seq 2048] [--out benchmarks/results/cpu_loss_memory.json]
@@ -50,7 +50,7 @@ def main() -> int:
         print(json.dumps(one(args.one, args.batch, args.seq)))
         return 0
     rows = []
-    for mode in ("full logits", "chunked (forward(targets=...))"):
+    for mode in ("full logits", "fused chunks (forward(targets=...))"):
         p = subprocess.run([sys.executable, __file__, "--one", mode, "--batch", str(args.batch), "--seq",
                             str(args.seq)], capture_output=True, text=True, check=True)
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
