@@ -7,14 +7,18 @@
 #   mhc      the A/B of the opt-in mHC mixing kernel (benchmarks/mhc_mix_ab.py; run 2026-11-23: stays off)
 #   ops      which source lines issue the step's dtype copies, cats and multiplies (op_sources.py)   (~1 min)
 #   compile  compiled blocks (`dsv4 train --compile`) with the Triton attention forward: gradients against
-#            eager by name, tok/s, and replayed from a CUDA graph (bench_gpu.py --sections compile,graph)   (~5 min)
+#            eager by name, tok/s, and replayed from a CUDA graph at b1 and b2 (bench_gpu.py --sections
+#            compile,graph; the b2 graph row failed before 87a66b8 and is the one to look at)       (~6 min)
+#   fp32     compile_check.py: fp32 compiled vs eager gradients (valid again since the attention fix of
+#            8511449: the fp32 eager model had no attention gradients), bf16 compiled vs eager     (~4 min)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
 #            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)
 # Everything lands in $OUT (logs and JSON).
 #
 #     OUT=/some/dir bash benchmarks/gpu_checks.sh                       # parts tests indexer train (< 10 min)
-#     OUT=/some/dir PARTS="compile" bash benchmarks/gpu_checks.sh       # a second call (< 6 min)
+#     OUT=/some/dir PARTS="compile" bash benchmarks/gpu_checks.sh       # a second call (< 7 min)
+#     OUT=/some/dir PARTS="fp32" bash benchmarks/gpu_checks.sh          # a third (< 5 min)
 #
 # Each step has its own time limit, so one hang cannot eat the call; a failing step does not stop the next.
 set -u
@@ -36,7 +40,8 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 
 # 1. CUDA-only tests of the newest code (per-test limit: a hang fails that test, not the call)
 want tests && step tests 150 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v --timeout 90 \
-    tests/test_hc_mix_kernel.py tests/test_graphed.py tests/test_indexer_loss.py \
+    tests/test_hc_mix_kernel.py tests/test_graphed.py tests/test_indexer_loss.py tests/test_head_loss.py \
+    tests/test_sparse_attention.py::test_without_the_triton_backward_gradients_still_flow \
     tests/test_train.py::test_cuda_graph_training_follows_eager_training \
     tests/test_train.py::test_balance_losses_live_only_inside_compute_loss
 want tests && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -20
@@ -65,8 +70,12 @@ want ops && step op_sources 120 python3 benchmarks/op_sources.py --out "$OUT" --
 want ops && head -45 "$OUT/op_sources.txt"
 
 # 5. compiled blocks with the Triton forward (not yet run on a GPU since it became the default)
-want compile && step compile 330 python3 benchmarks/bench_gpu.py --out "$OUT" --sections compile,graph --budget-s 240
+want compile && step compile 400 python3 benchmarks/bench_gpu.py --out "$OUT" --sections compile,graph --budget-s 360
 want compile && grep '^{' "$OUT/compile.log" | cut -c1-240
+
+# 5b. fp32 and bf16 compiled blocks against eager, gradients per parameter
+want fp32 && step compile_check 280 python3 benchmarks/compile_check.py --seq 2048 --out "$OUT"
+want fp32 && head -c 2500 "$OUT/compile_check.json"
 
 # 6. the README table from one run (dsv4 then transformers, each in its own process), and its markdown
 want table && step side_by_side 540 python3 benchmarks/bench_side_by_side.py run --out "$OUT" \
