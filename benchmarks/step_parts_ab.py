@@ -9,7 +9,7 @@ process:
 
     python benchmarks/step_parts_ab.py --out DIR [--sections op,train] [--budget-s 240]
 
-  op     each part alone at b2x4096, forward + backward, ms (median of 5), and how far apart the two forms are
+  op     each part alone at b2x4096 (--seq), forward + backward, ms (median of 5), and how far apart the two forms are
   train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss), old forms vs new, twice each, interleaved
 Writes DIR/step_parts_ab.json after every record.
 """
@@ -59,8 +59,8 @@ def _rel(a, b) -> float:
     return float((a.detach().float() - b.detach().float()).norm() / (b.detach().float().norm() + 1e-30))
 
 
-def op(cfg) -> None:
-    b, s, n, D = 2, int(os.environ.get("AB_SEQ", 4096)), cfg.hc_mult, cfg.hidden_size
+def op(cfg, s: int = 4096) -> None:
+    b, n, D = 2, cfg.hc_mult, cfg.hidden_size
     torch.manual_seed(0)
     h = torch.randn(b, s, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     y = torch.randn(b, s, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -97,12 +97,13 @@ def main() -> int:
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
     ap.add_argument("--sections", default="op,train")
     ap.add_argument("--budget-s", type=float, default=240)
+    ap.add_argument("--seq", type=int, default=4096, help="tokens per sequence of the op section (batch 2)")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     cfg = bench_gpu.start_results(args.out, "step_parts_ab.json", args.config)
     sections = args.sections.split(",")
     if "op" in sections:
-        op(cfg)
+        op(cfg, args.seq)
     if "train" in sections:
         model = build(cfg)
         Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
