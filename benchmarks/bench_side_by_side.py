@@ -1,7 +1,8 @@
 """dsv4 against Hugging Face transformers on the same GPU, same config (bench_small.json), bf16, random weights.
 
     python benchmarks/bench_side_by_side.py run --out DIR [--dsv4-timeout 330] [--hf-timeout 240]
-    python benchmarks/bench_side_by_side.py table --dsv4 DIR/dsv4_gpu.json --hf DIR/hf.jsonl --out benchmarks/results
+    python benchmarks/bench_side_by_side.py table --dsv4 DIR/dsv4_gpu.json [DIR2/dsv4_gpu.json] --hf DIR/hf.jsonl \
+        --out benchmarks/results
 
 `run` measures both in one go, each in its own subprocess (an HF out-of-memory or crash cannot take the dsv4
 numbers with it): benchmarks/bench_gpu.py (train, decode, prefill) then benchmarks/hf_baseline.py, whose JSON
@@ -66,7 +67,7 @@ def _fmt(v, digits=0):
 
 
 def table(args) -> int:
-    ours = json.loads(Path(args.dsv4).read_text())
+    ours = [r for path in args.dsv4 for r in json.loads(Path(path).read_text())]   # several runs: first wins
     hf = [json.loads(line) for line in Path(args.hf).read_text().splitlines() if line.strip()]
     env = next(r for r in ours if r["what"] == "env")
     hf_env = {}
@@ -162,7 +163,9 @@ def main() -> int:
     r.add_argument("--dsv4-timeout", type=int, default=330)
     r.add_argument("--hf-timeout", type=int, default=240)
     t = sub.add_parser("table")
-    t.add_argument("--dsv4", required=True)
+    t.add_argument("--dsv4", required=True, nargs="+",
+                   help="dsv4_gpu.json of one run, or of several runs of the same commit (e.g. training and "
+                        "inference in two device calls); where two have the same row, the first file's is used")
     t.add_argument("--hf", required=True)
     t.add_argument("--out", default=str(HERE / "results"))
     t.add_argument("--commit", help="the commit the numbers were measured at (default: the checked-out HEAD)")
