@@ -50,7 +50,7 @@ class HeadCrossEntropy(torch.autograd.Function):
                 z = project(xc, wl)                                                # [c, V] fp32
             loss, lse = _loss(z.detach(), tc)
             total += loss
-            dz = torch.exp(z.detach() - lse[:, None])                              # softmax
+            dz = (z.detach() - lse[:, None]).exp_()                                # softmax, one new buffer
             dz.scatter_add_(1, tc[:, None], torch.full_like(tc[:, None], -1, dtype=dz.dtype))
             grads = torch.autograd.grad(z, [a for a in (xc, wl) if a.requires_grad], dz)
             if want_x:
