@@ -11,6 +11,9 @@
 #            compile,graph; the b2 graph row failed before 87a66b8 and is the one to look at)       (~6 min)
 #   fp32     compile_check.py: fp32 compiled vs eager gradients (valid again since the attention fix of
 #            8511449: the fp32 eager model had no attention gradients), bf16 compiled vs eager     (~4 min)
+#   keys     the opt-in per-key-block dK of the compressed entries (sparse_attention_bwd.Config.comp_dkv='keys'):
+#            the backward alone per layer kind at 16 and 64 heads, then training tok/s, against the atomic adds
+#            (fused_attention_ab.py --sections bwd,train); if it wins, make it the default    (~5 min)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
 #            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)
@@ -72,6 +75,11 @@ want ops && head -45 "$OUT/op_sources.txt"
 # 5. compiled blocks with the Triton forward (not yet run on a GPU since it became the default)
 want compile && step compile 400 python3 benchmarks/bench_gpu.py --out "$OUT" --sections compile,graph --budget-s 360
 want compile && grep '^{' "$OUT/compile.log" | cut -c1-240
+
+# 5a. the compressed entries' dK per key block (opt-in) against atomic adds
+want keys && step keys 330 python3 benchmarks/fused_attention_ab.py --out "$OUT" --sections bwd,train --bwd-heads 16 64 \
+    --budget-s 280
+want keys && grep '^{' "$OUT/keys.log" | cut -c1-240
 
 # 5b. fp32 and bf16 compiled blocks against eager, gradients per parameter
 want fp32 && step compile_check 280 python3 benchmarks/compile_check.py --seq 2048 --out "$OUT"
