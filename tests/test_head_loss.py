@@ -41,15 +41,17 @@ def test_without_gradients_only_the_loss():
     assert abs(float(got - F.cross_entropy(_project(x, w), t, reduction="sum"))) <= 1e-5
 
 
-def test_under_bf16_autocast_gradients_follow_the_autocast_projection():
+@pytest.mark.parametrize("fp32_logits", [True, False])
+def test_under_bf16_autocast_gradients_follow_the_autocast_projection(fp32_logits):
     """With autocast on, the chunks' projection and its backward run as an unchunked autocast projection
-    would (bf16 GEMMs); gradients agree to bf16 rounding, in the parameters' own dtype."""
+    would (bf16 GEMMs); gradients agree to bf16 rounding, in the parameters' own dtype. Logits the projection
+    returns in bf16 (the fp32 head form under autocast) still get an fp32 loss and softmax."""
     x, w, t = _data(T=64, D=32, V=300, seed=2)
     x.requires_grad_()
     w.requires_grad_()
-    proj = lambda a, b: F.linear(a, b).float()          # noqa: E731 - the model's bf16 head form
+    proj = (lambda a, b: F.linear(a, b).float()) if fp32_logits else (lambda a, b: F.linear(a, b))  # noqa: E731
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = F.cross_entropy(proj(x, w), t, reduction="sum")
+        ref = F.cross_entropy(proj(x, w).float(), t, reduction="sum")
         got = head_cross_entropy(x, w, t, proj, 16)
     ref_g, got_g = torch.autograd.grad(ref, (x, w)), torch.autograd.grad(got, (x, w))
     assert abs(float(got - ref)) <= 1e-5 * float(ref)

@@ -20,7 +20,9 @@ Project = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]      # (x [c, D],
 
 
 def _loss(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """z [c, V] fp32 logits, t [c] targets -> (Σ cross-entropy, logsumexp [c])."""
+    """z [c, V] logits, t [c] targets -> (Σ cross-entropy, logsumexp [c]), in fp32 whatever z's dtype (under
+    autocast the projection returns bf16 logits)."""
+    z = z.float()
     lse = torch.logsumexp(z, -1)
     return (lse - z.gather(1, t[:, None]).squeeze(1)).sum(), lse
 
@@ -48,16 +50,17 @@ class HeadCrossEntropy(torch.autograd.Function):
             xc, tc = x[i:i + chunk].detach().requires_grad_(want_x), t[i:i + chunk]
             with torch.enable_grad():
                 z = project(xc, wl)                                                # [c, V] fp32
-            loss, lse = _loss(z.detach(), tc)
+            zf = z.detach().float()                                               # (a no-op unless autocast)
+            loss, lse = _loss(zf, tc)
             total += loss
-            dz = (z.detach() - lse[:, None]).exp_()                                # softmax, one new buffer
+            dz = (zf - lse[:, None]).exp_()                                        # softmax, one new buffer
             dz.scatter_add_(1, tc[:, None], torch.full_like(tc[:, None], -1, dtype=dz.dtype))
             grads = torch.autograd.grad(z, [a for a in (xc, wl) if a.requires_grad], dz)
             if want_x:
                 dx[i:i + chunk] = grads[0]
             if want_w:
                 dw += grads[-1]
-            del z, dz, grads
+            del z, zf, dz, grads
         ctx.save_for_backward(dx, dw)
         ctx.w_dtype = w.dtype
         return total
