@@ -58,3 +58,64 @@ def test_under_bf16_autocast_gradients_follow_the_autocast_projection(fp32_logit
     for a, r in zip(got_g, ref_g):
         assert a.dtype == torch.float32
         assert float((a - r).norm()) <= 2e-2 * float(r.norm())
+
+
+def _kernel_here() -> bool:
+    from dsv4.model import ce_kernel
+    return ce_kernel.available(torch.empty(1, device="cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_pytorch_ops(dtype):
+    """The Triton kernel (one program per row: online log-sum-exp, then dz = softmax − onehot) gives the PyTorch
+    ops' loss per row and dz, over a vocabulary that ends in a partial block; dz in the logits' dtype."""
+    if not _kernel_here():
+        pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    from dsv4.model import ce_kernel
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(4)
+    V = ce_kernel.BLOCK + 904
+    z = (torch.randn(6, V, generator=g) * 4).to(dtype).to(dev)
+    t = torch.tensor([0, 5, V - 1, ce_kernel.BLOCK, 17, ce_kernel.BLOCK - 1]).to(dev)
+    rows, dz = ce_kernel.loss_and_grad(z, t)
+    zf = z.float()
+    ref_rows = torch.logsumexp(zf, -1) - zf.gather(1, t[:, None]).squeeze(1)
+    ref_dz = zf.softmax(-1) - F.one_hot(t, V).float()
+    assert dz.dtype == dtype
+    assert torch.allclose(rows, ref_rows, rtol=1e-6, atol=1e-5)
+    # the online log-sum-exp rounds differently from logsumexp: ~1e-7 of an lse of ~20, so p is good to ~1e-5
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    assert torch.allclose(dz.float(), ref_dz, rtol=tol, atol=1e-7 if dtype == torch.float32 else 1e-3)
+
+
+def test_fused_loss_with_the_kernel_equals_full_logits(monkeypatch):
+    """head_cross_entropy with the kernel on (head_loss.Config.kernel): value and gradients of full logits."""
+    if not _kernel_here():
+        pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    from dsv4.model import head_loss
+    monkeypatch.setattr(head_loss.Config, "kernel", True)
+    calls = []
+    real = head_loss.ce_kernel.loss_and_grad
+    monkeypatch.setattr(head_loss.ce_kernel, "loss_and_grad", lambda z, t: calls.append(z.shape) or real(z, t))
+    x, w, t = _data(T=37, D=12, V=50)
+    x.requires_grad_()
+    w.requires_grad_()
+    ref = F.cross_entropy(_project(x, w), t, reduction="sum")
+    ref_g = torch.autograd.grad(ref, (x, w))
+    got = head_cross_entropy(x, w, t, _project, 8)
+    got_g = torch.autograd.grad(got, (x, w))
+    assert len(calls) == 5                                       # every chunk through the kernel
+    assert abs(float(got - ref)) <= 1e-6 * float(ref)
+    for a, r in zip(got_g, ref_g):
+        assert float((a - r).norm()) <= 1e-5 * float(r.norm())
+
+
+def test_kernel_compiles_for_hopper():
+    from conftest import compile_for_hopper, triton_compiler
+    if not triton_compiler():
+        pytest.skip("needs Triton's compiler (not its interpreter)")
+    from dsv4.model import ce_kernel
+    for dt in ("bf16", "fp32"):
+        shared = compile_for_hopper(ce_kernel._ce_kernel, {"BLOCK": ce_kernel.BLOCK},
+                                    {"Z": dt, "T": "i64", "LOSS": "fp32", "DZ": dt})
+        assert shared <= 227 * 1024, (dt, shared)

@@ -16,7 +16,14 @@ from typing import Callable
 import torch
 from torch.autograd.function import once_differentiable
 
-Project = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]      # (x [c, D], w [V, D]) -> fp32 logits [c, V]
+from . import ce_kernel
+
+Project = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]      # (x [c, D], w [V, D]) -> logits [c, V]
+
+
+class Config:
+    kernel = False     # CUDA: each chunk's loss and dz by one Triton kernel (ce_kernel.py) instead of PyTorch ops
+                       # (opt-in until measured on a GPU; the same values, tests/test_head_loss.py)
 
 
 def _loss(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,18 +56,23 @@ class HeadCrossEntropy(torch.autograd.Function):
         for i in range(0, x.shape[0], chunk):
             xc, tc = x[i:i + chunk].detach().requires_grad_(want_x), t[i:i + chunk]
             with torch.enable_grad():
-                z = project(xc, wl)                                                # [c, V] fp32
-            zf = z.detach().float()                                               # (a no-op unless autocast)
-            loss, lse = _loss(zf, tc)
-            total += loss
-            dz = (zf - lse[:, None]).exp_()                                        # softmax, one new buffer
-            dz.scatter_add_(1, tc[:, None], torch.full_like(tc[:, None], -1, dtype=dz.dtype))
+                z = project(xc, wl)                                                # [c, V]
+            if Config.kernel and ce_kernel.available(z):
+                rows, dz = ce_kernel.loss_and_grad(z.detach(), tc)                 # dz in z's dtype
+                total += rows.sum()
+            else:
+                zf = z.detach().float()                                           # (bf16 logits: upcast here)
+                loss, lse = _loss(zf, tc)
+                total += loss
+                dz = (zf - lse[:, None]).exp_()                                    # softmax, one new buffer
+                dz.scatter_add_(1, tc[:, None], torch.full_like(tc[:, None], -1, dtype=dz.dtype))
+                del zf
             grads = torch.autograd.grad(z, [a for a in (xc, wl) if a.requires_grad], dz)
             if want_x:
                 dx[i:i + chunk] = grads[0]
             if want_w:
                 dw += grads[-1]
-            del z, zf, dz, grads
+            del z, dz, grads
         ctx.save_for_backward(dx, dw)
         ctx.w_dtype = w.dtype
         return total

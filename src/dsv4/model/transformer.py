@@ -112,12 +112,14 @@ class Transformer(nn.Module):
             h, owner.hc_head_fn, owner.hc_head_base, owner.hc_head_scale, self.cfg.hc_eps, self.cfg.rms_norm_eps)
         return norm(x)
 
-    def _project(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """[.., D] -> fp32 logits [.., vocab] (w: the head weight, or a stand-in for it)."""
+    def _project(self, x: torch.Tensor, w: torch.Tensor | None = None, upcast: bool = True) -> torch.Tensor:
+        """[.., D] -> fp32 logits [.., vocab] (w: the head weight, or a stand-in for it; upcast False: in the
+        GEMM's own dtype, for the fused loss, which reads bf16 logits as they are)."""
         w = self.head.weight if w is None else w
         if self.head_fp32:                                                          # fp32 head, as official
             return F.linear(x.float(), w.float())
-        return F.linear(x, w.to(x.dtype)).float()
+        z = F.linear(x, w.to(x.dtype))
+        return z.float() if upcast else z
 
     def _logits(self, h: torch.Tensor, owner: nn.Module, norm: RMSNorm,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,7 +135,10 @@ class Transformer(nn.Module):
         per 8K-token batch unchunked), and in training each chunk's gradients are taken in the forward, so none
         are kept or recomputed. Same value and gradients as cross_entropy(logits) up to summation order."""
         t = targets.flatten()
-        return head_cross_entropy(x.flatten(0, 1), self.head.weight, t, self._project, self.loss_chunk) / t.numel()
+        return head_cross_entropy(x.flatten(0, 1), self.head.weight, t, self._native_logits, self.loss_chunk) / t.numel()
+
+    def _native_logits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._project(x, w, upcast=False)
 
     def hidden(self, input_ids: torch.Tensor, start_pos: int = 0, caches: list[AttnCache] | None = None) -> torch.Tensor:
         """Final residual streams [b, s, n, D] (what MTP and the dissection hooks consume)."""
