@@ -11,9 +11,11 @@
 #            compile,graph; the b2 graph row failed before 87a66b8 and is the one to look at)       (~6 min)
 #   fp32     compile_check.py: fp32 compiled vs eager gradients (valid again since the attention fix of
 #            8511449: the fp32 eager model had no attention gradients), bf16 compiled vs eager     (~4 min)
-#   keys     the opt-in per-key-block dK of the compressed entries (sparse_attention_bwd.Config.comp_dkv='keys'):
-#            the backward alone per layer kind at 16 and 64 heads, then training tok/s, against the atomic adds
-#            (fused_attention_ab.py --sections bwd,train); if it wins, make it the default    (~5 min)
+#   optin    the two opt-in paths not yet measured: the compressed entries' dK per key block
+#            (sparse_attention_bwd.Config.comp_dkv='keys'; the backward alone per layer kind at 16 and 64 heads,
+#            then training tok/s, against the atomic adds: fused_attention_ab.py --sections bwd,train) and the
+#            cross-entropy kernel of the fused head loss (head_loss.Config.kernel; step_parts_ab.py --sections
+#            head_loss); whichever wins becomes the default                                 (~6 min)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
 #            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)
@@ -44,6 +46,7 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 # 1. CUDA-only tests of the newest code (per-test limit: a hang fails that test, not the call)
 want tests && step tests 150 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v --timeout 90 \
     tests/test_hc_mix_kernel.py tests/test_graphed.py tests/test_indexer_loss.py tests/test_head_loss.py \
+    "tests/test_sparse_attention.py::test_triton_backward_equals_reference" \
     tests/test_sparse_attention.py::test_without_the_triton_backward_gradients_still_flow \
     tests/test_train.py::test_cuda_graph_training_follows_eager_training \
     tests/test_train.py::test_balance_losses_live_only_inside_compute_loss
@@ -76,10 +79,12 @@ want ops && head -45 "$OUT/op_sources.txt"
 want compile && step compile 400 python3 benchmarks/bench_gpu.py --out "$OUT" --sections compile,graph --budget-s 360
 want compile && grep '^{' "$OUT/compile.log" | cut -c1-240
 
-# 5a. the compressed entries' dK per key block (opt-in) against atomic adds
-want keys && step keys 330 python3 benchmarks/fused_attention_ab.py --out "$OUT" --sections bwd,train --bwd-heads 16 64 \
-    --budget-s 280
-want keys && grep '^{' "$OUT/keys.log" | cut -c1-240
+# 5a. the opt-in paths: the compressed entries' dK per key block against atomic adds; the cross-entropy kernel
+want optin && step head_loss 90 python3 benchmarks/step_parts_ab.py --out "$OUT" --sections head_loss
+want optin && grep '^{' "$OUT/head_loss.log" | cut -c1-240
+want optin && step keys 330 python3 benchmarks/fused_attention_ab.py --out "$OUT" --sections bwd,train \
+    --bwd-heads 16 64 --budget-s 280
+want optin && grep '^{' "$OUT/keys.log" | cut -c1-240
 
 # 5b. fp32 and bf16 compiled blocks against eager, gradients per parameter
 want fp32 && step compile_check 280 python3 benchmarks/compile_check.py --seq 2048 --out "$OUT"

@@ -11,6 +11,8 @@ process:
 
   op     each part alone at b2x4096 (--seq), forward + backward, ms (median of 5), and how far apart the two forms are
   train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss), old forms vs new, twice each, interleaved
+  head_loss  the fused head loss alone at 8192 tokens, fwd+bwd: PyTorch ops vs the Triton cross-entropy kernel
+         (opt-in head_loss.Config.kernel; not among the default sections)
 Writes DIR/step_parts_ab.json after every record.
 """
 from __future__ import annotations
@@ -91,6 +93,32 @@ def op(cfg, s: int = 4096) -> None:
     log(what="op_diff", part="experts", equal=all(torch.equal(a, r) for a, r in zip(res["stacks"], res["per-expert cat"])))
 
 
+def head_loss_op(cfg, T: int = 8192) -> None:
+    """The fused head loss alone (T tokens, bf16 activations and head, chunks of 2048), forward + backward:
+    PyTorch ops for each chunk's loss and dz against the Triton kernel (head_loss.Config.kernel), twice each."""
+    from dsv4.model import head_loss
+    torch.manual_seed(0)
+    x = torch.randn(T, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(cfg.vocab_size, cfg.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    t = torch.randint(0, cfg.vocab_size, (T,), device="cuda")
+    proj = lambda a, b: torch.nn.functional.linear(a, b)      # noqa: E731 - the bf16 head, logits as they come
+    res = {}
+    for on in (False, True, False, True):
+        head_loss.Config.kernel = on
+
+        def step():
+            loss = head_loss.head_cross_entropy(x, w, t, proj, 2048)
+            return loss, torch.autograd.grad(loss, (x, w))
+        step()
+        torch.cuda.reset_peak_memory_stats()
+        res[on] = step()
+        log(what="op", part="head loss", kernel=on, ms=timed(step, 5) * 1e3,
+            peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    (l0, g0), (l1, g1) = res[False], res[True]
+    log(what="op_diff", part="head loss", loss_rel=_rel(l1, l0), grad_rel=[_rel(a, r) for a, r in zip(g1, g0)])
+    head_loss.Config.kernel = False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -104,6 +132,8 @@ def main() -> int:
     sections = args.sections.split(",")
     if "op" in sections:
         op(cfg, args.seq)
+    if "head_loss" in sections:
+        head_loss_op(cfg, args.seq * 2)
     if "train" in sections:
         model = build(cfg)
         Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
