@@ -455,8 +455,7 @@ class Attention(nn.Module):
                 hide = torch.arange(N, device=q.device)[None] >= ((t + 1) // self.ratio)[:, None]   # [C, N]
                 hide = hide[None, :, None]
             elif N <= self.csa_mask_factor * sel.shape[-1]:                          # CSA, few entries: mask
-                hit = torch.zeros(b, C, N + 1, dtype=torch.bool, device=q.device).scatter_(2, sel + 1, True)
-                hide = ~hit[:, :, None, 1:]                                          # [b, C, 1, N]
+                hide = ~indexer_kernel.pick_table(sel, N)[:, :, None]                # [b, C, 1, N]
             else:                                                                    # CSA, many entries: gather
                 flat = (sel.clamp(min=0) + N * torch.arange(b, device=q.device)[:, None, None]).flatten()
                 kc = kc.flatten(0, 1)[flat].view(b, C, -1, kc.shape[-1])               # [b, C, k, d]

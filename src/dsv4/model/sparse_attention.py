@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import sparse_attention_bwd, sparse_attention_fwd
+from . import indexer_kernel, sparse_attention_bwd, sparse_attention_fwd
 
 try:
     from torch.nn.attention import flex_attention as _fa
@@ -56,17 +56,17 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
     backward is the Triton kernel of sparse_attention_bwd.py instead of FlexAttention's; without it (off, or not
     compiling here, e.g. fp32 at head_dim 512 on an H100) FlexAttention's differentiable forward runs: the Triton
     forward is a plain kernel, its output would carry no gradient back."""
-    if needs_grad(q, kv, comp, sink):
-        if Backward.triton and sparse_attention_bwd.available(q) and _backward_compiles(q):
-            return _sparse_mqa(q, kv, comp, sink, sel, window, ratio, kernel_options)
-        return _with_sink(*_forward(q, kv, comp, sel, window, ratio, kernel_options), sink)[0]
-    return _output_and_lse(q, kv, comp, sel, sink, window, ratio, kernel_options)[0]
+    grad = needs_grad(q, kv, comp, sink)
+    if grad and Backward.triton and sparse_attention_bwd.available(q) and _backward_compiles(q):
+        return _sparse_mqa(q, kv, comp, sink, sel, window, ratio, kernel_options)
+    return _output_and_lse(q, kv, comp, sel, sink, window, ratio, kernel_options, triton=not grad)[0]
 
 
-def _output_and_lse(q, kv, comp, sel, sink, window, ratio, kernel_options) -> tuple[torch.Tensor, torch.Tensor]:
+def _output_and_lse(q, kv, comp, sel, sink, window, ratio, kernel_options,
+                    triton: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward, sink included: -> o [b,L,h,d] (q's dtype), log-denominator [b,L,h] fp32 — by the Triton
-    forward where `Forward.triton` and it runs here, otherwise by FlexAttention."""
-    if Forward.triton and sparse_attention_fwd.available(q):
+    forward where `triton`, `Forward.triton` and it runs here, otherwise by FlexAttention (differentiable)."""
+    if triton and Forward.triton and sparse_attention_fwd.available(q):
         return sparse_attention_fwd.forward(q, kv, 0, 0, comp, sel, sink, window, ratio)
     return _with_sink(*_forward(q, kv, comp, sel, window, ratio, kernel_options), sink)
 
@@ -208,9 +208,7 @@ def _forward(q, kv, comp, sel, window, ratio, kernel_options):
         if sel is None:                                     # HCA: the entries the block's last token sees
             blocks.append(((cb[None] * K_BLOCK) < ((t_hi + 1) // ratio)[:, None]).expand(b, -1, -1))
         else:                                               # CSA: the entries any of its tokens picked
-            member = torch.zeros(b, Lp, Np + 1, dtype=torch.bool, device=dev)
-            member[:, :L].scatter_(2, sel + 1, True)
-            member = member[..., 1:]                                            # [b, Lp, Np]
+            member = F.pad(indexer_kernel.pick_table(sel, Np), (0, 0, 0, Lp - L))  # [b, Lp, Np]
             blocks.append(member.view(b, nQ, tpb, Np // K_BLOCK, K_BLOCK).any(-1).any(2))
     blocks = torch.cat(blocks, -1).unsqueeze(1)                                 # [b, 1, nQ, nK]
     num = blocks.sum(-1, dtype=torch.int32)

@@ -215,11 +215,8 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     if by_keys:
         _dkeys(q, kv, do, lse, delta, None, dkv[None], L, window, ratio, 0, 1, BK, ieee)
     if comp_by_keys:
-        member = None
-        if mode == 2:                                   # which entries each token picked: [b, L, N] int8
-            member = torch.zeros(b, L, comp_c.shape[1] + 1, dtype=torch.int8, device=q.device)
-            member.scatter_(2, sel_c.long() + 1, 1)
-            member = member[..., 1:]
+        # which entries each token picked: [b, L, N] int8 (CSA)
+        member = indexer_kernel.pick_table(sel_c, comp_c.shape[1], torch.int8) if mode == 2 else None
         n_blocks = triton.cdiv(comp_c.shape[1], BK)
         splits = max(1, min(16, -(-Config.programs // (n_blocks * b)), L))   # enough programs to fill the GPU
         dcomp = torch.empty(splits, *comp_c.shape, dtype=torch.float32, device=q.device)
