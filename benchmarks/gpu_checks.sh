@@ -15,7 +15,8 @@
 #            (sparse_attention_bwd.Config.comp_dkv='keys'; the backward alone per layer kind at 16 and 64 heads,
 #            then training tok/s, against the atomic adds: fused_attention_ab.py --sections bwd,train) and the
 #            cross-entropy kernel of the fused head loss (head_loss.Config.kernel; step_parts_ab.py --sections
-#            head_loss); whichever wins becomes the default                                 (~6 min)
+#            head_loss); whichever wins becomes the default. And TF32 for the fp32 GEMMs (compressors,
+#            mHC mixes): tok/s and how far the gradients move (step_parts_ab.py --sections tf32)   (~7 min)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
 #            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)
@@ -44,7 +45,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt" 2>&1
 
 # 1. CUDA-only tests of the newest code (per-test limit: a hang fails that test, not the call)
-want tests && step tests 150 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v --timeout 90 \
+want tests && step tests 130 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v --timeout 90 \
     tests/test_hc_mix_kernel.py tests/test_graphed.py tests/test_indexer_loss.py tests/test_head_loss.py \
     "tests/test_sparse_attention.py::test_triton_backward_equals_reference" \
     tests/test_sparse_attention.py::test_without_the_triton_backward_gradients_still_flow \
@@ -82,8 +83,10 @@ want compile && grep '^{' "$OUT/compile.log" | cut -c1-240
 # 5a. the opt-in paths: the compressed entries' dK per key block against atomic adds; the cross-entropy kernel
 want optin && step head_loss 90 python3 benchmarks/step_parts_ab.py --out "$OUT" --sections head_loss
 want optin && grep '^{' "$OUT/head_loss.log" | cut -c1-240
-want optin && step keys 330 python3 benchmarks/fused_attention_ab.py --out "$OUT" --sections bwd,train \
-    --bwd-heads 16 64 --budget-s 280
+want optin && step tf32 100 python3 benchmarks/step_parts_ab.py --out "$OUT/tf32" --sections tf32
+want optin && grep '^{' "$OUT/tf32.log" | cut -c1-240
+want optin && step keys 260 python3 benchmarks/fused_attention_ab.py --out "$OUT" --sections bwd,train \
+    --bwd-heads 16 64 --budget-s 220
 want optin && grep '^{' "$OUT/keys.log" | cut -c1-240
 
 # 5b. fp32 and bf16 compiled blocks against eager, gradients per parameter

@@ -13,6 +13,8 @@ process:
   train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss), old forms vs new, twice each, interleaved
   head_loss  the fused head loss alone at 8192 tokens, fwd+bwd: PyTorch ops vs the Triton cross-entropy kernel
          (opt-in head_loss.Config.kernel; not among the default sections)
+  tf32   training tok/s (as train) with the fp32 matrix products (compressors, mHC mixes) in fp32 against TF32
+         (`dsv4 train --tf32`); then one step's gradients in TF32 against fp32 (not among the default sections)
 Writes DIR/step_parts_ab.json after every record.
 """
 from __future__ import annotations
@@ -119,6 +121,32 @@ def head_loss_op(cfg, T: int = 8192) -> None:
     head_loss.Config.kernel = False
 
 
+def set_tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+
+
+def tf32_ab(cfg, deadline: float) -> None:
+    """TF32 for the step's fp32 GEMMs, off/on twice interleaved, then how far one step's gradients move."""
+    model = build(cfg)
+    Transformer.head_fp32 = False
+    ab_train(cfg, model, deadline, [(lambda on=on: set_tf32(on), dict(tf32=on)) for on in (False, True) * 2],
+             shapes=((2, 4096),))
+    torch.manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, 2048), device="cuda")
+    grads = []
+    for on in (False, True, False):                 # the second fp32 step: the run-to-run floor (atomic adds)
+        set_tf32(on)
+        loss, g = bench_gpu.loss_and_grads(model, ids)
+        grads.append(g)
+        log(what="tf32_loss", tf32=on, loss=loss)
+
+    def rel(a, b):
+        num = sum(float((a[k] - g).square().sum()) for k, g in b.items())
+        return (num / sum(float(g.square().sum()) for g in b.values())) ** 0.5
+    log(what="tf32_grad_diff", tf32_vs_fp32=rel(grads[1], grads[0]), fp32_vs_fp32=rel(grads[2], grads[0]))
+    set_tf32(False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -134,6 +162,8 @@ def main() -> int:
         op(cfg, args.seq)
     if "head_loss" in sections:
         head_loss_op(cfg, args.seq * 2)
+    if "tf32" in sections:
+        tf32_ab(cfg, deadline)
     if "train" in sections:
         model = build(cfg)
         Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
