@@ -4,6 +4,7 @@
 #   indexer  the indexer loss's cost in `dsv4 train`'s step, eager, and in the CUDA-graph rows of
 #            bench_gpu.py --sections recipe (with and without the loss)                    (~4 min)
 #   train    `dsv4 train` end to end on the small preset, eager and with --cuda-graph     (~3 min)
+#            (TRAIN_MODES="eager graph compile compile-graph" picks; the compile modes ~4 min each)
 #   mhc      the A/B of the opt-in mHC mixing kernel (benchmarks/mhc_mix_ab.py; run 2026-11-23: stays off)
 #   ops      which source lines issue the step's dtype copies, cats and multiplies (op_sources.py)   (~1 min)
 #   compile  compiled blocks (`dsv4 train --compile`) with the Triton attention forward: gradients against
@@ -64,9 +65,11 @@ want mhc && step mhc_mix_ab 240 python3 benchmarks/mhc_mix_ab.py --out "$OUT" --
 want mhc && grep '^{' "$OUT/mhc_mix_ab.log" | cut -c1-240
 
 # 3. dsv4 train end to end on the small preset (bytes tokenizer: no download), eager then --cuda-graph
-want train && for mode in eager graph; do
-    flag=""; [ "$mode" = graph ] && flag="--cuda-graph"
-    step "train_$mode" 90 python3 -m dsv4 train --preset small --tokenizer bytes --steps 40 --batch 8 --seq 1024 \
+want train && for mode in ${TRAIN_MODES:-eager graph}; do      # eager graph compile compile-graph
+    case $mode in eager) flag="";; graph) flag="--cuda-graph";; compile) flag="--compile";;
+                  compile-graph) flag="--compile --cuda-graph";; esac
+    limit=90; [[ $mode == compile* ]] && limit=220                  # the blocks compile first (~1-2 min)
+    step "train_$mode" $limit python3 -m dsv4 train --preset small --tokenizer bytes --steps 40 --batch 8 --seq 1024 \
         --no-progress --eval-every 0 --save-every 0 --out "/tmp/dsv4_train_$mode" $flag
     cp "/tmp/dsv4_train_$mode/log.jsonl" "$OUT/train_$mode.jsonl" 2>/dev/null
     tail -n 1 "$OUT/train_$mode.jsonl" 2>/dev/null | cut -c1-240

@@ -12,9 +12,10 @@ process:
   op     each part alone at b2x4096 (--seq), forward + backward, ms (median of 5), and how far apart the two forms are
   train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss), old forms vs new, twice each, interleaved
   head_loss  the fused head loss alone at 8192 tokens, fwd+bwd: PyTorch ops vs the Triton cross-entropy kernel
-         (opt-in head_loss.Config.kernel; not among the default sections)
+         (head_loss.Config.kernel, default since the H100 A/B; not among the default sections)
   tf32   training tok/s (as train) with the fp32 matrix products (compressors, mHC mixes) in fp32 against TF32
-         (`dsv4 train --tf32`); then one step's gradients in TF32 against fp32 (not among the default sections)
+         (torch.backends.cuda.matmul.allow_tf32); then one step's gradients in TF32 against fp32 (not among the
+         default sections; H100 2026-11-23: within noise, 34.8K/32.4K vs 34.9K/33.2K tok/s — not adopted)
 Writes DIR/step_parts_ab.json after every record.
 """
 from __future__ import annotations
@@ -104,7 +105,7 @@ def head_loss_op(cfg, T: int = 8192) -> None:
     w = (torch.randn(cfg.vocab_size, cfg.hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
     t = torch.randint(0, cfg.vocab_size, (T,), device="cuda")
     proj = lambda a, b: torch.nn.functional.linear(a, b)      # noqa: E731 - the bf16 head, logits as they come
-    res = {}
+    res, default = {}, head_loss.Config.kernel
     for on in (False, True, False, True):
         head_loss.Config.kernel = on
 
@@ -118,7 +119,7 @@ def head_loss_op(cfg, T: int = 8192) -> None:
             peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
     (l0, g0), (l1, g1) = res[False], res[True]
     log(what="op_diff", part="head loss", loss_rel=_rel(l1, l0), grad_rel=[_rel(a, r) for a, r in zip(g1, g0)])
-    head_loss.Config.kernel = False
+    head_loss.Config.kernel = default
 
 
 def set_tf32(on: bool) -> None:

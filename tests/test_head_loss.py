@@ -97,7 +97,8 @@ def test_fused_loss_with_the_kernel_equals_full_logits(monkeypatch):
     calls = []
     real = head_loss.ce_kernel.loss_and_grad
     monkeypatch.setattr(head_loss.ce_kernel, "loss_and_grad", lambda z, t: calls.append(z.shape) or real(z, t))
-    x, w, t = _data(T=37, D=12, V=50)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"          # where the kernel runs (CPU: interpreter)
+    x, w, t = (a.to(dev) for a in _data(T=37, D=12, V=50))
     x.requires_grad_()
     w.requires_grad_()
     ref = F.cross_entropy(_project(x, w), t, reduction="sum")

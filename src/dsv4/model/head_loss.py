@@ -22,8 +22,8 @@ Project = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]      # (x [c, D],
 
 
 class Config:
-    kernel = False     # CUDA: each chunk's loss and dz by one Triton kernel (ce_kernel.py) instead of PyTorch ops
-                       # (opt-in until measured on a GPU; the same values, tests/test_head_loss.py)
+    kernel = True      # CUDA: each chunk's loss and dz by one Triton kernel (ce_kernel.py) instead of PyTorch ops
+                       # (H100, 8192 tokens × 129K vocab, fwd+bwd: 13.9 vs 32.5 ms; same values, tests/test_head_loss.py)
 
 
 def _loss(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
