@@ -43,6 +43,12 @@ def test_replayed_steps_equal_eager_steps():
     eager, twin, graphed = (random_tiny().cuda().train() for _ in range(3))
     step = GraphedStep(graphed, _loss(graphed), warmup=1, check_inputs=lambda x, y: graphed._check_ids(x))
     g = torch.Generator().manual_seed(0)
+    # the first training step of a process differs from every later one on the H100 (loss 8.7027 vs 8.6988 on
+    # the first batch below; later steps agree bit for bit on any stream, strided ids or not:
+    # benchmarks/graph_numerics_diag.py); so one step of a spare model runs first, unchecked
+    spare = random_tiny().cuda().train()
+    ids = torch.randint(0, spare.cfg.vocab_size, (2, 65), device="cuda")
+    _loss(spare)(ids[:, :-1], ids[:, 1:])[0].backward()
     for i in range(4):                     # eager warm-up, capture + replay, two replays on new batches
         ids = torch.randint(0, eager.cfg.vocab_size, (2, 65), generator=g).cuda()
         x, y = ids[:, :-1], ids[:, 1:]
