@@ -5,10 +5,9 @@
 
   check    fp32 on the bench config, 2048 tokens: loss and gradients fused vs reference
   train    forward+backward tok/s at b1x4096 and b2x4096 (LM loss): reference; the default (Triton forward and
-           backward, sparse_attention_bwd.py); the default with the entries' dK per key block (Config.comp_dkv)
-  bwd      the Triton backward alone per layer kind (window / CSA / HCA) at b2x4096: ms, the keys' gradients by
-           atomic adds, per key block for the window, and per key block for the entries too (Config.comp_dkv)
-           (--bwd-heads 16 64: also at V4's head count)
+           backward, sparse_attention_bwd.py); the default with the window's dKV by atomic adds
+  bwd      the Triton backward alone per layer kind (window / CSA / HCA) at b2x4096: ms, the window's dKV by
+           atomic adds vs per key block (Config.window_dkv) (--bwd-heads 16 64: also at V4's head count)
   fwd      the forward alone per layer kind at b2x4096: FlexAttention (block mask included) vs the Triton
            forward (sparse_attention_fwd.py), ms and how far apart their outputs are (--bwd-heads as above)
   prefill  one-pass prefill tok/s at 4K…32K, reference vs fused
@@ -65,21 +64,20 @@ def check(cfg) -> None:
 def train(cfg, model, deadline) -> None:
     default_fwd = sparse_attention.Forward.triton
 
-    def variant(fused, triton_bwd, window_dkv, triton_fwd, comp_dkv="atomic"):
+    def variant(fused, triton_bwd, window_dkv, triton_fwd):
         def switch():
             set_fused(fused, fused)
             sparse_attention.Backward.triton = triton_bwd
             sparse_attention.Forward.triton = triton_fwd
             sparse_attention_bwd.Config.window_dkv = window_dkv
-            sparse_attention_bwd.Config.comp_dkv = comp_dkv
         return switch, dict(fused=fused, forward="triton" if triton_fwd else ("flex" if fused else "reference"),
-                            backward=f"triton (window {window_dkv}, entries {comp_dkv})" if triton_bwd else "reference")
-    # the reference path, the default (Triton forward and backward, window dKV per key block), and the default
-    # with the entries' dK per key block too — twice each, interleaved (host-bound rows drift within a process)
+                            backward=f"triton (window {window_dkv})" if triton_bwd else "reference")
+    # the reference path, the default (Triton forward and backward, window dKV per key block), and the window's
+    # dKV by atomic adds — twice each, interleaved (host-bound rows drift within a process)
     ab_train(cfg, model, deadline, [variant(False, False, "keys", False)]
-             + [variant(True, True, "keys", True), variant(True, True, "keys", True, "keys")] * 2)
+             + [variant(True, True, "keys", True), variant(True, True, "atomic", True)] * 2)
     sparse_attention.Forward.triton = default_fwd
-    sparse_attention_bwd.Config.comp_dkv = "atomic"
+    sparse_attention_bwd.Config.window_dkv = "keys"
 
 
 def _layer_inputs(cfg, h: int):
@@ -113,17 +111,14 @@ def forward_kernels(cfg, h: int) -> None:
 
 def backward_kernels(cfg, h: int) -> None:
     """The Triton backward alone at b2×4096 (bench head_dim, h heads, bf16): per layer kind, ms per call with the
-    keys' gradients by atomic adds from the per-token kernel vs per key block (`_dkeys_kernel`: the window's dKV,
-    and for CSA / HCA layers the entries' dK, Config.comp_dkv), and how far apart their gradients are."""
+    window's dKV by atomic adds from the per-token kernel vs per key block (`_dkeys_kernel`, the default), and how
+    far apart their gradients are (the compressed entries' dK is by atomic adds either way)."""
     q, kv, do, o, lse, sink, kinds = _layer_inputs(cfg, h)
     W = cfg.sliding_window
-    modes = {"atomic": ("atomic", "atomic"), "keys (window)": ("keys", "atomic"), "keys (window, entries)": ("keys", "keys")}
     for kind, (comp, s_, ratio) in kinds.items():
         outs = {}
-        for label, (window_dkv, comp_dkv) in modes.items():
-            if kind == "window" and comp_dkv == "keys":
-                continue                                   # no entries: the same as the row before
-            sparse_attention_bwd.Config.window_dkv, sparse_attention_bwd.Config.comp_dkv = window_dkv, comp_dkv
+        for label in ("atomic", "keys"):
+            sparse_attention_bwd.Config.window_dkv = label
             fn = lambda: sparse_attention_bwd.backward(q, kv, comp, s_, o, do, lse, sink, W, ratio)  # noqa: E731
             outs[label] = fn()
             log(what="bwd_kernel", heads=h, layer=kind, dkv=label, ms=timed(fn, 5) * 1e3)
@@ -133,7 +128,7 @@ def backward_kernels(cfg, h: int) -> None:
                 diff = {name: float((x - y).float().norm() / (y.float().norm() + 1e-30))
                         for name, x, y in zip(("dq", "dkv", "dcomp", "dsink"), got, ref) if x is not None}
                 log(what="bwd_kernel_diff", heads=h, layer=kind, dkv=label, rel=diff)
-    sparse_attention_bwd.Config.window_dkv, sparse_attention_bwd.Config.comp_dkv = "keys", "atomic"
+    sparse_attention_bwd.Config.window_dkv = "keys"
 
 
 def _prefill_ab(cfg, model, deadline, seqs, mode: str, flag: str, set_paths, run, warm_up, reps: int) -> None:

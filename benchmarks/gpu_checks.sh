@@ -12,12 +12,12 @@
 #            compile,graph; the b2 graph row failed before 87a66b8 and is the one to look at)       (~6 min)
 #   fp32     compile_check.py: fp32 compiled vs eager gradients (valid again since the attention fix of
 #            8511449: the fp32 eager model had no attention gradients), bf16 compiled vs eager     (~4 min)
-#   optin    the two opt-in paths not yet measured: the compressed entries' dK per key block
-#            (sparse_attention_bwd.Config.comp_dkv='keys'; the backward alone per layer kind at 16 and 64 heads,
-#            then training tok/s, against the atomic adds: fused_attention_ab.py --sections bwd,train) and the
-#            cross-entropy kernel of the fused head loss (head_loss.Config.kernel; step_parts_ab.py --sections
-#            head_loss); whichever wins becomes the default. And TF32 for the fp32 GEMMs (compressors,
-#            mHC mixes): tok/s and how far the gradients move (step_parts_ab.py --sections tf32)   (~7 min)
+#   optin    A/Bs run once on the H100 (2026-11-23, results/2026-11-23_h100_stop17/call1_tests_optin): the head
+#            loss's cross-entropy kernel against PyTorch ops (step_parts_ab.py --sections head_loss; won, now the
+#            default), TF32 for the fp32 GEMMs (--sections tf32; within noise, not adopted), the Triton backward
+#            per layer kind and training tok/s (fused_attention_ab.py --sections bwd,train; the entries' dK per
+#            key block lost 9x on CSA layers and was removed; the window's dKV per key block vs atomic adds
+#            remains)                                                                       (~7 min)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
 #            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)
@@ -83,14 +83,14 @@ want ops && head -45 "$OUT/op_sources.txt"
 want compile && step compile 400 python3 benchmarks/bench_gpu.py --out "$OUT" --sections compile,graph --budget-s 360
 want compile && grep '^{' "$OUT/compile.log" | cut -c1-240
 
-# 5a. the opt-in paths: the compressed entries' dK per key block against atomic adds; the cross-entropy kernel
+# 5a. the A/Bs: the cross-entropy kernel, TF32, the attention backward's dKV forms
 want optin && step head_loss 90 python3 benchmarks/step_parts_ab.py --out "$OUT" --sections head_loss
 want optin && grep '^{' "$OUT/head_loss.log" | cut -c1-240
 want optin && step tf32 100 python3 benchmarks/step_parts_ab.py --out "$OUT/tf32" --sections tf32
 want optin && grep '^{' "$OUT/tf32.log" | cut -c1-240
-want optin && step keys 260 python3 benchmarks/fused_attention_ab.py --out "$OUT" --sections bwd,train \
+want optin && step attn_bwd 260 python3 benchmarks/fused_attention_ab.py --out "$OUT" --sections bwd,train \
     --bwd-heads 16 64 --budget-s 220
-want optin && grep '^{' "$OUT/keys.log" | cut -c1-240
+want optin && grep '^{' "$OUT/attn_bwd.log" | cut -c1-240
 
 # 5b. fp32 and bf16 compiled blocks against eager, gradients per parameter
 want fp32 && step compile_check 280 python3 benchmarks/compile_check.py --seq 2048 --out "$OUT"

@@ -78,12 +78,10 @@ def test_fused_gradients_equal_reference(monkeypatch):
     assert any("attn_sink" in n for n in grads[0])
 
 
-@pytest.mark.parametrize("window_dkv,comp_dkv,heads", [("keys", "atomic", 4), ("atomic", "atomic", 4),
-                                                      ("keys", "keys", 4), ("keys", "atomic", 32),
-                                                      ("atomic", "keys", 32)])
-def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv, comp_dkv, heads):
-    """The Triton backward (per token and group of 16 heads over exactly its keys; the window's dKV and the
-    compressed entries' dK per key block, or by atomic adds) gives the reference path's gradients: every
+@pytest.mark.parametrize("window_dkv,heads", [("keys", 4), ("atomic", 4), ("keys", 32), ("atomic", 32)])
+def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv, heads):
+    """The Triton backward (per token and group of 16 heads over exactly its keys, the compressed entries' dK
+    by atomic adds; the window's dKV per key block or by atomic adds) gives the reference path's gradients: every
     parameter, sinks included. 4 heads fill part of one group; 32 heads are two groups, as V4's 64 / 128 heads
     are several. (Groups are ≥ 16 heads: a Triton dot needs 16 rows; the interpreter would also take fewer, a GPU
     compile does not.) On the CPU it runs under Triton's interpreter (fp32)."""
@@ -91,9 +89,6 @@ def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv
     if not sparse_attention_bwd.available(torch.empty(1, 16, device=flex_anywhere)):
         pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
     monkeypatch.setattr(sparse_attention_bwd.Config, "window_dkv", window_dkv)
-    monkeypatch.setattr(sparse_attention_bwd.Config, "comp_dkv", comp_dkv)
-    monkeypatch.setattr(sparse_attention_bwd.Config, "programs", 6)       # several token splits per entry block
-    monkeypatch.setattr(sparse_attention_bwd.Config, "csa_keys_factor", 10 ** 6)   # CSA by keys at any N here
     monkeypatch.setattr(Attention, "fused_training", True)
     monkeypatch.setattr(sparse_attention.Backward, "triton", True)
     monkeypatch.setattr(sparse_attention.Forward, "triton", False)      # (both Triton kernels: test below)
@@ -160,16 +155,15 @@ def test_triton_backward_fits_hopper_at_v4_head_counts(heads):
     ptr = {n: "bf16" for n in ("Q", "KV", "COMP", "O", "DO", "DQ")}
     ptr.update({n: "fp32" for n in ("LSE", "SINK", "DKV", "DCOMP", "DSINK", "DELTA")}, SEL="i32")
     common = {"H": heads, "HG": sab.Config.head_group, "D": 512, "IEEE": False}
-    for mode in (0, 1, 2):
-        for comp_dkv in (False, True):
-            shared = compile_for_hopper(sab._bwd_kernel, {**common, "BN": 16, "MODE": mode, "WINDOW_DKV": False,
-                                                          "COMP_DKV": comp_dkv}, ptr, floats=("scale",))
-            assert shared <= 227 * 1024, (mode, comp_dkv, shared)
-    ptr = {**{n: "bf16" for n in ("Q", "K", "DO")}, **{n: "fp32" for n in ("LSE", "DELTA", "DK")}, "MEMBER": "i8"}
-    for kind in (0, 1, 2):                        # window band, HCA entries, CSA entries
-        shared = compile_for_hopper(sab._dkeys_kernel, {**common, "BK": sab.Config.key_block, "KIND": kind,
-                                                        "TB": sab.Config.token_block}, ptr, floats=("scale",))
-        assert shared <= 227 * 1024, (kind, shared)
+    for mode in (0, 1, 2):                        # window only, HCA entries, CSA picks
+        for window_dkv in (False, True):
+            shared = compile_for_hopper(sab._bwd_kernel, {**common, "BN": 16, "MODE": mode,
+                                                          "WINDOW_DKV": window_dkv}, ptr, floats=("scale",))
+            assert shared <= 227 * 1024, (mode, window_dkv, shared)
+    ptr = {**{n: "bf16" for n in ("Q", "KV", "DO")}, **{n: "fp32" for n in ("LSE", "DELTA", "DKV")}}
+    shared = compile_for_hopper(sab._dkeys_kernel, {**common, "BK": sab.Config.key_block,
+                                                    "TB": sab.Config.token_block}, ptr, floats=("scale",))
+    assert shared <= 227 * 1024, shared
 
 
 # ---------------------------------------------------------------------------------------- Triton forward

@@ -258,6 +258,27 @@ def test_progressive_sequence_length(tmp_path, shards):
     assert tokens == [2 * 16, 2 * 16, 2 * 32]                # the batches really had that length
 
 
+def test_logged_throughput_leaves_slow_first_steps_behind(tmp_path, shards, monkeypatch):
+    """tok_per_s is over the last 10 steps: a first step that took 100 s (a compile, a graph capture) no longer
+    weighs on it after that, where a rate since the start would stay low for the whole run."""
+    from dsv4.train import trainer as tr
+    clock = [0.0]
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: clock[0])
+    t = Trainer(_tc(tmp_path, shards, steps=12))
+    real = t.train_step
+
+    def step():
+        rec = real()
+        clock[0] += 100.0 if rec["step"] == 1 else 1.0
+        return rec
+    t.train_step = step
+    hist = t.fit()
+    per_step = 2 * 32
+    assert hist[0]["tok_per_s"] == pytest.approx(per_step / 100)
+    assert hist[9]["tok_per_s"] == pytest.approx(10 * per_step / 109)      # steps 1-10
+    assert hist[-1]["tok_per_s"] == pytest.approx(per_step)                 # steps 3-12, one second each
+
+
 def test_train_config_errors(tmp_path):
     with pytest.raises(TrainError, match="stepz"):
         TrainConfig.from_dict({"stepz": 3})

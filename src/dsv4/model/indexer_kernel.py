@@ -27,11 +27,11 @@ def available(t: torch.Tensor) -> bool:
     return t.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and t.device.type == "cpu")
 
 
-def pick_table(sel: torch.Tensor, n_entries: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """CSA picks sel [..., k] (entry ids, −1 = none) -> [..., n_entries] in `dtype`, nonzero at the picked entries
-    (the −1 slots land in an extra first column, dropped). The attention's mask form, FlexAttention's block mask
-    and the backward's per-entry walk all read the picks this way."""
-    table = torch.zeros(*sel.shape[:-1], n_entries + 1, dtype=dtype, device=sel.device)
+def pick_table(sel: torch.Tensor, n_entries: int) -> torch.Tensor:
+    """CSA picks sel [..., k] (entry ids, −1 = none) -> [..., n_entries] bool, True at the picked entries (the −1
+    slots land in an extra first column, dropped). The attention's mask form and FlexAttention's block mask both
+    read the picks this way."""
+    table = torch.zeros(*sel.shape[:-1], n_entries + 1, dtype=torch.bool, device=sel.device)
     return table.scatter_(-1, sel.long() + 1, 1)[..., 1:]
 
 

@@ -11,11 +11,11 @@ softmax weights (sink included in the denominator, LSE saved by the forward) and
 Two kernels. `_bwd_kernel`: one program per token and group of 16 heads (the heads share every key: MQA; 16
 rows × head_dim 512 tiles fit in shared memory at any head count) walks exactly the keys that token sees — its window band, then its CSA picks (gathered one by one) or its visible HCA
 entries — for dq, dsink and D; the compressed entries' dk go to an fp32 buffer by atomic adds (a token's picks
-are its own). `_dkeys_kernel`: one program per block of keys loops over the rows that attend to them and writes
-their dk once, without atomics — for raw keys the tokens whose window holds them (a band; window_dkv='atomic'
-instead adds them from the first kernel, the first version: 2.8× slower on window layers); opt-in
-(comp_dkv='keys') also for the compressed entries: every token that sees them (HCA) or that picked them (CSA,
-from a membership table), the tokens split over several programs whose partial sums are added after.
+are its own). `_dkeys_kernel`: one program per block of raw keys loops over the tokens whose window band holds
+them and writes their dk once, without atomics (window_dkv='atomic' instead adds them from the first kernel, the
+first version: 2.8× slower on window layers). The same walk per block of compressed entries (every token that
+sees them, or a membership table of the CSA picks) was measured on the H100 and removed: a CSA layer's backward
+took 74 ms against 8.5 ms with the atomic adds (b2×4096, 16 heads), an HCA layer's 2.5 against 2.1 ms.
 """
 from __future__ import annotations
 
@@ -62,9 +62,9 @@ if triton is not None:
                     L, window, ratio, n_sel, scale,
                     sq_b, sq_t, sq_h, skv_b, skv_t, sc_b, sc_n, ss_b, ss_t, sl_b, sl_t,
                     H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
-                    WINDOW_DKV: tl.constexpr, COMP_DKV: tl.constexpr, IEEE: tl.constexpr):
-        """One token, one group of HG heads: dq over its window band then its compressed entries; the window's
-        dkv and the entries' dcomp by atomic adds only if WINDOW_DKV / COMP_DKV (otherwise _dkeys_kernel)."""
+                    WINDOW_DKV: tl.constexpr, IEEE: tl.constexpr):
+        """One token, one group of HG heads: dq over its window band then its compressed entries; the entries'
+        dcomp by atomic adds, the window's dkv too if WINDOW_DKV (otherwise _dkeys_kernel)."""
         t, b = tl.program_id(0), tl.program_id(1)
         heads = tl.program_id(2) * HG + tl.arange(0, HG)
         hm = heads < H
@@ -97,41 +97,32 @@ if triton is not None:
                 k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
                 p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & hm[:, None], scale, IEEE)
                 dq += _dot(ds.to(k.dtype), k, IEEE)
-                if COMP_DKV:
-                    tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :],
-                                  _dk(q, do, p, ds, scale, IEEE), mask=ok[:, None])
+                tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :],
+                              _dk(q, do, p, ds, scale, IEEE), mask=ok[:, None])
         tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=hm[:, None])
         sink = tl.load(SINK + heads, mask=hm, other=0.)
         p_sink = tl.exp(sink - lse)
         tl.store(DSINK + (b * L + t) * H + heads, -p_sink * dacc, mask=hm)
 
     @triton.jit
-    def _dkeys_kernel(Q, K, DO, LSE, DELTA, MEMBER, DK, L, n_keys, window, ratio, t_split, scale,
-                      sq_b, sq_t, sq_h, sk_b, sk_n, sl_b, sl_t, sm_b, sm_t, so_s, so_b, so_n,
+    def _dkeys_kernel(Q, KV, DO, LSE, DELTA, DKV, L, window, scale,
+                      sq_b, sq_t, sq_h, skv_b, skv_t, sl_b, sl_t,
                       H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
-                      TB: tl.constexpr, KIND: tl.constexpr, IEEE: tl.constexpr):
-        """BK keys against every (token, head) row that attends to one of them, within this program's range of
-        tokens (per step TB tokens × HG heads, head groups looped): their dk accumulates in registers and is
-        written once (no atomics). KIND 0: raw keys, rows = the tokens whose window band holds them (k0 …
-        k0+BK+W−2); 1: HCA entries, every token that sees them; 2: CSA entries, the tokens that picked them
-        (MEMBER [b, L, N] int8). Entries split the tokens over program_id(1) (t_split each; DK then holds one
-        partial sum per split)."""
-        kb, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                      TB: tl.constexpr, IEEE: tl.constexpr):
+        """BK raw keys against every (token, head) row whose window band holds one of them (tokens k0 …
+        k0+BK+W−2; per step TB tokens × HG heads, head groups looped): their dk accumulates in registers and is
+        written once (no atomics)."""
+        kb, b = tl.program_id(0), tl.program_id(1)
         k0 = kb * BK
         keys = k0 + tl.arange(0, BK)
-        kin = keys < n_keys
+        kin = keys < L
         dims = tl.arange(0, D)
-        k = tl.load(K + b * sk_b + keys[:, None] * sk_n + dims[None, :], mask=kin[:, None], other=0.)   # [BK, D]
-        if KIND == 0:
-            t_lo = k0
-            t_hi = tl.minimum(k0 + BK - 1 + window - 1, L - 1)
-        else:                                                   # from the first token that sees entry k0
-            t_lo = tl.maximum((k0 + 1) * ratio - 1, split * t_split)
-            t_hi = tl.minimum((split + 1) * t_split - 1, L - 1)
+        k = tl.load(KV + b * skv_b + keys[:, None] * skv_t + dims[None, :], mask=kin[:, None], other=0.)   # [BK, D]
+        t_hi = tl.minimum(k0 + BK - 1 + window - 1, L - 1)
         r = tl.arange(0, TB * HG)
         acc = tl.zeros([BK, D], dtype=tl.float32)
-        for step in range(0, tl.maximum(tl.cdiv(t_hi + 1 - t_lo, TB), 0) * tl.cdiv(H, HG)):
-            t0 = t_lo + (step // tl.cdiv(H, HG)) * TB
+        for step in range(0, tl.cdiv(t_hi + 1 - k0, TB) * tl.cdiv(H, HG)):
+            t0 = k0 + (step // tl.cdiv(H, HG)) * TB
             head = (step % tl.cdiv(H, HG)) * HG + r % HG
             tok = t0 + r // HG
             row_ok = (tok <= t_hi) & (head < H)
@@ -140,33 +131,19 @@ if triton is not None:
             do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.)
             lse = tl.load(LSE + b * sl_b + tok * sl_t + head, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + (b * L + tok) * H + head, mask=row_ok, other=0.)
-            seen = row_ok[:, None] & kin[None, :]
-            if KIND == 0:
-                seen = seen & (keys[None, :] <= tok[:, None]) & (keys[None, :] > tok[:, None] - window)
-            elif KIND == 1:
-                seen = seen & ((keys[None, :] + 1) * ratio <= tok[:, None] + 1)
-            else:
-                picked = tl.load(MEMBER + b * sm_b + tok[:, None] * sm_t + keys[None, :], mask=seen, other=0)
-                seen = seen & (picked != 0)
+            seen = (row_ok[:, None] & kin[None, :] & (keys[None, :] <= tok[:, None])
+                    & (keys[None, :] > tok[:, None] - window))
             p, ds = _probs_and_ds(q, do, k, lse, delta, seen, scale, IEEE)                # [TB·HG, BK]
             acc += _dk(q, do, p, ds, scale, IEEE)
-        tl.store(DK + split * so_s + b * so_b + keys[:, None] * so_n + dims[None, :], acc, mask=kin[:, None])
+        tl.store(DKV + b * skv_b + keys[:, None] * skv_t + dims[None, :], acc, mask=kin[:, None])
 
 
 class Config:
     """window_dkv: 'keys' = the window band's dkv by _dkeys_kernel (per key block, no atomics); 'atomic' =
-    by atomic adds from the per-token kernel (the first version; kept for A/B runs). comp_dkv: the same choice for
-    the compressed entries' dcomp — 'keys' walks, per block of entries, every token that sees them (HCA) or a
-    [b, L, N] membership table of the picks (CSA; only while N ≤ csa_keys_factor · top-k, where the walk over
-    all visible tokens costs a few times the picked pairs), with the tokens split over several programs;
-    'atomic' (default: 'keys' is not yet measured on a GPU) adds them from the per-token kernel. The membership
-    table counts a pick once: the picks of a token are distinct (top-k), as both forms assume."""
+    by atomic adds from the per-token kernel (the first version; kept for A/B runs)."""
     window_dkv = "keys"
-    comp_dkv = "atomic"
-    csa_keys_factor = 4
     key_block = 32            # keys per _dkeys_kernel program
     token_block = 2           # tokens per step of its loop (× head_group = rows of its dots)
-    programs = 264            # _dkeys_kernel programs to aim for over the entries (2 per SM of an H100)
     head_group = 16           # heads per program / step: tiles of 16 × head_dim fit in shared memory at any
                               # head count (V4: 64 / 128 heads; all heads at once would need ~290 KB at 64);
                               # at least 16, the fewest rows a Triton dot takes on a GPU
@@ -197,10 +174,8 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     mode, comp_c, sel_c = key_layout(q, kv, comp, sel)
     dq = torch.empty_like(q)
     by_keys = Config.window_dkv == "keys"
-    comp_by_keys = mode != 0 and Config.comp_dkv == "keys" and (
-        mode == 1 or comp_c.shape[1] <= Config.csa_keys_factor * sel_c.shape[-1])
     dkv = (torch.empty if by_keys else torch.zeros)(b, L, d, dtype=torch.float32, device=q.device)
-    dcomp = torch.zeros(comp_c.shape, dtype=torch.float32, device=q.device) if mode and not comp_by_keys else dkv
+    dcomp = torch.zeros(comp_c.shape, dtype=torch.float32, device=q.device) if mode else dkv
     dsink = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
     delta = torch.empty(b, L, h, dtype=torch.float32, device=q.device)          # D_h per token, for both kernels
     HG, ieee = Config.head_group, q.dtype == torch.float32
@@ -209,30 +184,11 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
         L, window, ratio, sel_c.shape[-1], d ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
         comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
-        H=h, HG=HG, D=d, BN=16, MODE=mode, WINDOW_DKV=not by_keys, COMP_DKV=not comp_by_keys, IEEE=ieee,
-        num_warps=8)
-    BK = Config.key_block
-    if by_keys:
-        _dkeys(q, kv, do, lse, delta, None, dkv[None], L, window, ratio, 0, 1, BK, ieee)
-    if comp_by_keys:
-        # which entries each token picked: [b, L, N] int8 (CSA)
-        member = indexer_kernel.pick_table(sel_c, comp_c.shape[1], torch.int8) if mode == 2 else None
-        n_blocks = triton.cdiv(comp_c.shape[1], BK)
-        splits = max(1, min(16, -(-Config.programs // (n_blocks * b)), L))   # enough programs to fill the GPU
-        dcomp = torch.empty(splits, *comp_c.shape, dtype=torch.float32, device=q.device)
-        _dkeys(q, comp_c, do, lse, delta, member, dcomp, L, window, ratio, mode, splits, BK, ieee)
-        dcomp = dcomp.sum(0)
+        H=h, HG=HG, D=d, BN=16, MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee, num_warps=8)
+    if by_keys:                                  # the window's dkv per block of keys, written once
+        BK = Config.key_block
+        _dkeys_kernel[(triton.cdiv(L, BK), b)](
+            q, kv, do, lse, delta, dkv, L, window, d ** -0.5,
+            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), lse.stride(0), lse.stride(1),
+            H=h, HG=HG, D=d, BK=BK, TB=Config.token_block, IEEE=ieee, num_warps=8)
     return dq, dkv, (dcomp if mode else None), dsink.sum((0, 1))
-
-
-def _dkeys(q, keys, do, lse, delta, member, out, L, window, ratio, kind, splits, BK, ieee) -> None:
-    """Launch _dkeys_kernel over blocks of `keys` [b, N, d] (kind 0: the raw KV) -> out [splits, b, N, d] fp32."""
-    b, n, d = keys.shape
-    h = q.shape[2]
-    m = member if member is not None else keys                     # (a placeholder pointer where unused)
-    ms = (member.stride(0), member.stride(1)) if member is not None else (0, 0)
-    _dkeys_kernel[(triton.cdiv(n, BK), splits, b)](
-        q, keys, do, lse, delta, m, out, L, n, window, ratio, -(-L // splits), d ** -0.5,
-        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), lse.stride(0), lse.stride(1),
-        *ms, out.stride(0), out.stride(1), out.stride(2),
-        H=h, HG=Config.head_group, D=d, BK=BK, TB=Config.token_block, KIND=kind, IEEE=ieee, num_warps=8)
