@@ -111,8 +111,8 @@ def forward_kernels(cfg, h: int) -> None:
 
 def backward_kernels(cfg, h: int) -> None:
     """The Triton backward alone at b2×4096 (bench head_dim, h heads, bf16): per layer kind, ms per call with the
-    window's dKV by atomic adds from the per-token kernel vs per key block (`_dkeys_kernel`, the default), and how
-    far apart their gradients are (the compressed entries' dK is by atomic adds either way)."""
+    window's dKV by atomic adds from the per-token kernel vs per key block (`_dkv_window_kernel`, the default),
+    and how far apart their gradients are (the compressed entries' dK is by atomic adds either way)."""
     q, kv, do, o, lse, sink, kinds = _layer_inputs(cfg, h)
     W = cfg.sliding_window
     for kind, (comp, s_, ratio) in kinds.items():

@@ -22,15 +22,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from conftest import random_tiny  # noqa: E402
 from dsv4.train.graphed import GraphedStep  # noqa: E402
-from dsv4.train.recipe import compute_loss  # noqa: E402
-
-
-def loss_fn(model):
-    def fn(x, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            p = compute_loss(model, x, y, mtp_weight=0.3, balance_weight=1e-2)
-        return p.total, p.lm
-    return fn
+from test_graphed import _loss as loss_fn  # noqa: E402 - the very step that test compares
 
 
 def run(model, x, y, stream: str):

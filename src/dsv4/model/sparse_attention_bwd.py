@@ -11,11 +11,12 @@ softmax weights (sink included in the denominator, LSE saved by the forward) and
 Two kernels. `_bwd_kernel`: one program per token and group of 16 heads (the heads share every key: MQA; 16
 rows × head_dim 512 tiles fit in shared memory at any head count) walks exactly the keys that token sees — its window band, then its CSA picks (gathered one by one) or its visible HCA
 entries — for dq, dsink and D; the compressed entries' dk go to an fp32 buffer by atomic adds (a token's picks
-are its own). `_dkeys_kernel`: one program per block of raw keys loops over the tokens whose window band holds
-them and writes their dk once, without atomics (window_dkv='atomic' instead adds them from the first kernel, the
-first version: 2.8× slower on window layers). The same walk per block of compressed entries (every token that
-sees them, or a membership table of the CSA picks) was measured on the H100 and removed: a CSA layer's backward
-took 74 ms against 8.5 ms with the atomic adds (b2×4096, 16 heads), an HCA layer's 2.5 against 2.1 ms.
+are its own). `_dkv_window_kernel`: one program per block of raw keys loops over the tokens whose window holds
+them (a band) and writes their dk once, without atomics (window_dkv='atomic' instead adds them from the first
+kernel, the first version: 2.8× slower on window layers). The forward is sparse_attention_fwd.py's. The same
+walk per block of compressed entries (every token that sees them, or a membership table of the CSA picks) was
+measured on the H100 and removed: a CSA layer's backward took 74 ms against 8.5 ms with the atomic adds
+(b2×4096, 16 heads), an HCA layer's 2.5 against 2.1 ms.
 """
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ if triton is not None:
                     sq_b, sq_t, sq_h, skv_b, skv_t, sc_b, sc_n, ss_b, ss_t, sl_b, sl_t,
                     H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
                     WINDOW_DKV: tl.constexpr, IEEE: tl.constexpr):
-        """One token, one group of HG heads: dq over its window band then its compressed entries; the entries'
-        dcomp by atomic adds, the window's dkv too if WINDOW_DKV (otherwise _dkeys_kernel)."""
+        """One token, one group of HG heads: dq over its window band then its compressed entries; dcomp by
+        atomic adds; the window's dkv by atomic adds only if WINDOW_DKV (otherwise _dkv_window_kernel)."""
         t, b = tl.program_id(0), tl.program_id(1)
         heads = tl.program_id(2) * HG + tl.arange(0, HG)
         hm = heads < H
@@ -97,52 +98,52 @@ if triton is not None:
                 k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
                 p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & hm[:, None], scale, IEEE)
                 dq += _dot(ds.to(k.dtype), k, IEEE)
-                tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :],
-                              _dk(q, do, p, ds, scale, IEEE), mask=ok[:, None])
+                tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], _dk(q, do, p, ds, scale, IEEE),
+                              mask=ok[:, None])
         tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=hm[:, None])
         sink = tl.load(SINK + heads, mask=hm, other=0.)
         p_sink = tl.exp(sink - lse)
         tl.store(DSINK + (b * L + t) * H + heads, -p_sink * dacc, mask=hm)
 
     @triton.jit
-    def _dkeys_kernel(Q, KV, DO, LSE, DELTA, DKV, L, window, scale,
-                      sq_b, sq_t, sq_h, skv_b, skv_t, sl_b, sl_t,
-                      H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
-                      TB: tl.constexpr, IEEE: tl.constexpr):
+    def _dkv_window_kernel(Q, KV, DO, LSE, DELTA, DKV, L, window, scale,
+                           sq_b, sq_t, sq_h, skv_b, skv_t, sl_b, sl_t,
+                           H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
+                           TB: tl.constexpr, IEEE: tl.constexpr):
         """BK raw keys against every (token, head) row whose window band holds one of them (tokens k0 …
-        k0+BK+W−2; per step TB tokens × HG heads, head groups looped): their dk accumulates in registers and is
+        k0+BK+W−2; per step TB tokens × HG heads, head groups looped): their dkv accumulates in registers and is
         written once (no atomics)."""
         kb, b = tl.program_id(0), tl.program_id(1)
         k0 = kb * BK
         keys = k0 + tl.arange(0, BK)
         kin = keys < L
         dims = tl.arange(0, D)
-        k = tl.load(KV + b * skv_b + keys[:, None] * skv_t + dims[None, :], mask=kin[:, None], other=0.)   # [BK, D]
-        t_hi = tl.minimum(k0 + BK - 1 + window - 1, L - 1)
+        k = tl.load(KV + b * skv_b + keys[:, None] * skv_t + dims[None, :], mask=kin[:, None], other=0.)  # [BK, D]
         r = tl.arange(0, TB * HG)
         acc = tl.zeros([BK, D], dtype=tl.float32)
-        for step in range(0, tl.cdiv(t_hi + 1 - k0, TB) * tl.cdiv(H, HG)):
+        t_end = tl.minimum(k0 + BK - 1 + window - 1, L - 1)
+        for step in range(0, tl.cdiv(t_end + 1 - k0, TB) * tl.cdiv(H, HG)):
             t0 = k0 + (step // tl.cdiv(H, HG)) * TB
             head = (step % tl.cdiv(H, HG)) * HG + r % HG
             tok = t0 + r // HG
-            row_ok = (tok <= t_hi) & (head < H)
+            row_ok = (tok <= t_end) & (head < H)
             qoff = b * sq_b + tok[:, None] * sq_t + head[:, None] * sq_h + dims[None, :]
             q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.)                          # [TB·HG, D]
             do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.)
             lse = tl.load(LSE + b * sl_b + tok * sl_t + head, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + (b * L + tok) * H + head, mask=row_ok, other=0.)
-            seen = (row_ok[:, None] & kin[None, :] & (keys[None, :] <= tok[:, None])
-                    & (keys[None, :] > tok[:, None] - window))
+            seen = row_ok[:, None] & kin[None, :] & (keys[None, :] <= tok[:, None]) \
+                & (keys[None, :] > tok[:, None] - window)
             p, ds = _probs_and_ds(q, do, k, lse, delta, seen, scale, IEEE)                # [TB·HG, BK]
             acc += _dk(q, do, p, ds, scale, IEEE)
         tl.store(DKV + b * skv_b + keys[:, None] * skv_t + dims[None, :], acc, mask=kin[:, None])
 
 
 class Config:
-    """window_dkv: 'keys' = the window band's dkv by _dkeys_kernel (per key block, no atomics); 'atomic' =
+    """window_dkv: 'keys' = the window band's dkv by _dkv_window_kernel (per key block, no atomics); 'atomic' =
     by atomic adds from the per-token kernel (the first version; kept for A/B runs)."""
     window_dkv = "keys"
-    key_block = 32            # keys per _dkeys_kernel program
+    key_block = 32            # keys per _dkv_window_kernel program
     token_block = 2           # tokens per step of its loop (× head_group = rows of its dots)
     head_group = 16           # heads per program / step: tiles of 16 × head_dim fit in shared memory at any
                               # head count (V4: 64 / 128 heads; all heads at once would need ~290 KB at 64);
@@ -185,10 +186,10 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
         comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
         H=h, HG=HG, D=d, BN=16, MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee, num_warps=8)
-    if by_keys:                                  # the window's dkv per block of keys, written once
+    if by_keys:
         BK = Config.key_block
-        _dkeys_kernel[(triton.cdiv(L, BK), b)](
-            q, kv, do, lse, delta, dkv, L, window, d ** -0.5,
-            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), lse.stride(0), lse.stride(1),
-            H=h, HG=HG, D=d, BK=BK, TB=Config.token_block, IEEE=ieee, num_warps=8)
+        _dkv_window_kernel[(triton.cdiv(L, BK), b)](q, kv, do, lse, delta, dkv, L, window, d ** -0.5,
+                                                    q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+                                                    lse.stride(0), lse.stride(1), H=h, HG=HG, D=d, BK=BK,
+                                                    TB=Config.token_block, IEEE=ieee, num_warps=8)
     return dq, dkv, (dcomp if mode else None), dsink.sum((0, 1))
