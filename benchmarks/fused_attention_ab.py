@@ -10,6 +10,8 @@
            atomic adds vs per key block (Config.window_dkv) (--bwd-heads 16 64: also at V4's head count)
   fwd      the forward alone per layer kind at b2x4096: FlexAttention (block mask included) vs the Triton
            forward (sparse_attention_fwd.py), ms and how far apart their outputs are (--bwd-heads as above)
+  tiles    the Triton forward's and backward's tile sizes and warps, one at a time, per layer kind at
+           b2x4096: ms and the distance from the defaults' outputs (TILE_SWEEP; --bwd-heads as above)
   prefill  one-pass prefill tok/s at 4K…32K, reference vs fused
   decode   greedy decode through the reference path (no CUDA graph) after 2048 tokens: indexer reference vs Triton
   long     chunked prefill through the KV cache (64K, 256K): indexer reference vs Triton
@@ -131,6 +133,46 @@ def backward_kernels(cfg, h: int) -> None:
     sparse_attention_bwd.Config.window_dkv = "keys"
 
 
+TILE_SWEEP = {     # (module Config, field, values): one field at a time, the others at their defaults
+    "bwd": [(sparse_attention_bwd.Config, "walk_block", (16, 32, 64)),
+            (sparse_attention_bwd.Config, "warps", (4, 8)),
+            (sparse_attention_bwd.Config, "key_block", (32, 64)),
+            (sparse_attention_bwd.Config, "token_block", (2, 4)),
+            (sparse_attention_bwd.Config, "window_warps", (4, 8))],
+    "fwd": [(sparse_attention_fwd.Config, "key_block", (16, 32, 64)),
+            (sparse_attention_fwd.Config, "warps", (4, 8))],
+}
+
+
+def tile_sweep(cfg, h: int) -> None:
+    """The Triton kernels' tile sizes and warps, one field at a time (TILE_SWEEP), per layer kind at b2×4096:
+    ms per call and how far each variant's outputs are from the defaults' (a tile that does not compile is
+    logged with its error)."""
+    q, kv, do, o, lse, sink, kinds = _layer_inputs(cfg, h)
+    W = cfg.sliding_window
+    for kind, (comp, s_, ratio) in kinds.items():
+        fns = {"bwd": lambda: sparse_attention_bwd.backward(q, kv, comp, s_, o, do, lse, sink, W, ratio),
+               "fwd": lambda: sparse_attention_fwd.forward(q, kv, 0, 0, comp, s_, sink, W, ratio)}
+        for which, fields in TILE_SWEEP.items():
+            ref = fns[which]()
+            for conf, field, values in fields:
+                default = getattr(conf, field)
+                for v in values:
+                    setattr(conf, field, v)
+                    try:
+                        got = fns[which]()
+                        rel = max(float((x - y).float().norm() / (y.float().norm() + 1e-30))
+                                  for x, y in zip(got, ref) if x is not None)
+                        log(what="tile", heads=h, layer=kind, kernel=which, field=field, value=v,
+                            default=v == default, ms=timed(fns[which], 5) * 1e3, rel=rel)
+                    except Exception as e:                                  # noqa: BLE001 - logged, next tile
+                        log(what="tile", heads=h, layer=kind, kernel=which, field=field, value=v,
+                            error=f"{type(e).__name__}: {str(e)[:200]}")
+                    finally:
+                        setattr(conf, field, default)
+                    torch.cuda.empty_cache()
+
+
 def _prefill_ab(cfg, model, deadline, seqs, mode: str, flag: str, set_paths, run, warm_up, reps: int) -> None:
     """Per length, the reference then the fused path (`set_paths(fused)` switches them): `run(ids)` timed
     `reps` times (after one untimed run where `warm_up(seq)`), peak memory, one record per path."""
@@ -215,6 +257,9 @@ def main() -> int:
     if "fwd" in sections:
         for h in args.bwd_heads:
             forward_kernels(cfg, h)
+    if "tiles" in sections:
+        for h in args.bwd_heads:
+            tile_sweep(cfg, h)
     if "train" in sections:
         train(cfg, model, deadline)
     if "prefill" in sections:

@@ -2,7 +2,8 @@
 
     python benchmarks/profile_step.py --out DIR [--what train,decode] [--batch 1] [--seq 4096]
 
-train:  one forward+backward at batch x seq (eager, LM loss), after a warm-up; the top kernels and ops by
+train:  one forward+backward at batch x seq (eager; the loss of bench_gpu.py's training rows: the fused head
+        loss + 0.3 MTP, or with --full-logits cross-entropy over full logits, LM only), after a warm-up; the top kernels and ops by
         CUDA time go to DIR/profile_train.txt (and a chrome trace, DIR/train_trace.json.gz)
 train_compiled: the same with every block under torch.compile (as `dsv4 train --compile`; includes the compile
         time) -> DIR/profile_train_compiled.txt
@@ -52,10 +53,11 @@ def table(prof, n: int = 40) -> str:
     return "\n".join(out)
 
 
-def profile_train(model, out: Path, b: int, s: int, compiled: bool = False, graph: bool = False) -> None:
+def profile_train(model, out: Path, b: int, s: int, compiled: bool = False, graph: bool = False,
+                  full_logits: bool = False) -> None:
     from dsv4.train.graphed import GraphedStep
     model.train()
-    ids = torch.randint(0, model.cfg.vocab_size, (b, s), device="cuda")
+    ids = torch.randint(0, model.cfg.vocab_size, (b, s + 1), device="cuda")
     name = "profile_train" + ("_compiled" if compiled else "") + ("_graph" if graph else "")
     t = time.perf_counter()
     if compiled and model.layers[0]._compiled_call_impl is None:   # as `dsv4 train --compile` does (once)
@@ -63,15 +65,16 @@ def profile_train(model, out: Path, b: int, s: int, compiled: bool = False, grap
         for blk in model.layers:
             blk.compile()
 
-    def loss(i):
-        return (F.cross_entropy(model(i)[:, :-1].flatten(0, 1), i[:, 1:].flatten()),)
+    from bench_gpu import make_loss                      # the loss of the README table's training rows
+    loss = make_loss(model, mtp=not full_logits, chunked_loss=not full_logits)
+    x, y = ids[:, :-1], ids[:, 1:]                       # s tokens in, s targets
     graphed = GraphedStep(model, loss, warmup=2) if graph else None
 
     def step():
         if graphed is not None:                           # replayed (the first two calls eager, the third captures)
-            graphed(ids)
+            graphed(x, y)
         else:
-            loss(ids)[0].backward()
+            loss(x, y)[0].backward()
         model.zero_grad(set_to_none=graphed is None)
     for _ in range(3 if graph else 2):
         step()
@@ -216,6 +219,8 @@ def main() -> int:
     ap.add_argument("--what", default="decode,train")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--full-logits", action="store_true",
+                    help="train*: LM cross-entropy over full logits, no MTP (the transformers baseline's loss)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,13 +232,13 @@ def main() -> int:
     if "compiled" in args.what.split(","):
         decode_compiled(model, out)
     if "train" in args.what.split(","):
-        profile_train(model, out, args.batch, args.seq)
+        profile_train(model, out, args.batch, args.seq, full_logits=args.full_logits)
     if "train_graph" in args.what.split(","):
-        profile_train(model, out, args.batch, args.seq, graph=True)
+        profile_train(model, out, args.batch, args.seq, full_logits=args.full_logits, graph=True)
     if "train_compiled" in args.what.split(","):
-        profile_train(model, out, args.batch, args.seq, compiled=True)
+        profile_train(model, out, args.batch, args.seq, full_logits=args.full_logits, compiled=True)
     if "train_compiled_graph" in args.what.split(","):                 # (compiled once for both)
-        profile_train(model, out, args.batch, args.seq, compiled=True, graph=True)
+        profile_train(model, out, args.batch, args.seq, full_logits=args.full_logits, compiled=True, graph=True)
     print(json.dumps({"done": True}))
     return 0
 

@@ -145,6 +145,9 @@ class Config:
     window_dkv = "keys"
     key_block = 32            # keys per _dkv_window_kernel program
     token_block = 2           # tokens per step of its loop (× head_group = rows of its dots)
+    walk_block = 16           # keys per step of _bwd_kernel's walk (window band, then entries)
+    warps = 8                 # num_warps of _bwd_kernel
+    window_warps = 8          # num_warps of _dkv_window_kernel
     head_group = 16           # heads per program / step: tiles of 16 × head_dim fit in shared memory at any
                               # head count (V4: 64 / 128 heads; all heads at once would need ~290 KB at 64);
                               # at least 16, the fewest rows a Triton dot takes on a GPU
@@ -185,11 +188,13 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
         L, window, ratio, sel_c.shape[-1], d ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
         comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
-        H=h, HG=HG, D=d, BN=16, MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee, num_warps=8)
+        H=h, HG=HG, D=d, BN=Config.walk_block, MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee,
+        num_warps=Config.warps)
     if by_keys:
         BK = Config.key_block
         _dkv_window_kernel[(triton.cdiv(L, BK), b)](q, kv, do, lse, delta, dkv, L, window, d ** -0.5,
                                                     q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
                                                     lse.stride(0), lse.stride(1), H=h, HG=HG, D=d, BK=BK,
-                                                    TB=Config.token_block, IEEE=ieee, num_warps=8)
+                                                    TB=Config.token_block, IEEE=ieee,
+                                                    num_warps=Config.window_warps)
     return dq, dkv, (dcomp if mode else None), dsink.sum((0, 1))

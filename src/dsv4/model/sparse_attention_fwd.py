@@ -85,6 +85,7 @@ if triton is not None:
 class Config:
     head_group = 16           # heads per program: 16 × head_dim tiles at any head count (≥ 16: a dot's rows)
     key_block = 32            # keys per tile of the walk
+    warps = 8                 # num_warps of _fwd_kernel
 
 
 def forward(q: torch.Tensor, raw: torch.Tensor, raw_start: int, t0: int, comp: torch.Tensor | None,
@@ -107,5 +108,6 @@ def forward(q: torch.Tensor, raw: torch.Tensor, raw_start: int, t0: int, comp: t
         raw_start, t0, window, ratio, sel_c.shape[-1], comp_c.shape[1] if mode else 0, d ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), raw.stride(0), raw.stride(1), comp_c.stride(0), comp_c.stride(1),
         sel_c.stride(0), sel_c.stride(1), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        H=h, HG=HG, D=d, BN=Config.key_block, MODE=mode, IEEE=q.dtype == torch.float32, num_warps=8)
+        H=h, HG=HG, D=d, BN=Config.key_block, MODE=mode, IEEE=q.dtype == torch.float32,
+        num_warps=Config.warps)
     return o, lse
