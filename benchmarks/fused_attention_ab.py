@@ -133,44 +133,45 @@ def backward_kernels(cfg, h: int) -> None:
     sparse_attention_bwd.Config.window_dkv = "keys"
 
 
-TILE_SWEEP = {     # (module Config, field, values): one field at a time, the others at their defaults
-    "bwd": [(sparse_attention_bwd.Config, "walk_block", (16, 32, 64)),
-            (sparse_attention_bwd.Config, "warps", (4, 8)),
-            (sparse_attention_bwd.Config, "key_block", (32, 64)),
-            (sparse_attention_bwd.Config, "token_block", (2, 4)),
-            (sparse_attention_bwd.Config, "window_warps", (4, 8))],
-    "fwd": [(sparse_attention_fwd.Config, "key_block", (16, 32, 64)),
-            (sparse_attention_fwd.Config, "warps", (4, 8))],
+B, F_ = sparse_attention_bwd.Config, sparse_attention_fwd.Config
+TILE_SWEEP = {     # kernel -> variants {Config field: value}, each against the defaults ({}): one field at a time,
+    "bwd": [{}, {"walk_block": 32}, {"walk_block": 64}, {"warps": 4}, {"key_block": 64},  # then the promising
+            {"token_block": 4}, {"window_warps": 4}, {"warps": 2}, {"walk_block": 32, "warps": 4},   # pairs
+            {"walk_block": 32, "warps": 2}, {"walk_block": 32, "warps": 4, "window_warps": 4}],
+    "fwd": [{}, {"key_block": 16}, {"key_block": 64}, {"warps": 4}, {"warps": 2}, {"key_block": 64, "warps": 4},
+            {"key_block": 16, "warps": 4}],
 }
+TILE_CONFIG = {"bwd": B, "fwd": F_}
 
 
 def tile_sweep(cfg, h: int) -> None:
-    """The Triton kernels' tile sizes and warps, one field at a time (TILE_SWEEP), per layer kind at b2×4096:
-    ms per call and how far each variant's outputs are from the defaults' (a tile that does not compile is
-    logged with its error)."""
+    """The Triton kernels' tile sizes and warps (TILE_SWEEP), per layer kind at b2×4096: ms per call and how
+    far each variant's outputs are from the defaults' (a tile that does not compile is logged with its error).
+    H100, 16 heads (results/2026-11-24_h100_stop18): warps 4 and 32-key steps in the backward's walk won."""
     q, kv, do, o, lse, sink, kinds = _layer_inputs(cfg, h)
     W = cfg.sliding_window
     for kind, (comp, s_, ratio) in kinds.items():
         fns = {"bwd": lambda: sparse_attention_bwd.backward(q, kv, comp, s_, o, do, lse, sink, W, ratio),
                "fwd": lambda: sparse_attention_fwd.forward(q, kv, 0, 0, comp, s_, sink, W, ratio)}
-        for which, fields in TILE_SWEEP.items():
-            ref = fns[which]()
-            for conf, field, values in fields:
-                default = getattr(conf, field)
-                for v in values:
-                    setattr(conf, field, v)
-                    try:
-                        got = fns[which]()
-                        rel = max(float((x - y).float().norm() / (y.float().norm() + 1e-30))
-                                  for x, y in zip(got, ref) if x is not None)
-                        log(what="tile", heads=h, layer=kind, kernel=which, field=field, value=v,
-                            default=v == default, ms=timed(fns[which], 5) * 1e3, rel=rel)
-                    except Exception as e:                                  # noqa: BLE001 - logged, next tile
-                        log(what="tile", heads=h, layer=kind, kernel=which, field=field, value=v,
-                            error=f"{type(e).__name__}: {str(e)[:200]}")
-                    finally:
-                        setattr(conf, field, default)
-                    torch.cuda.empty_cache()
+        for which, variants in TILE_SWEEP.items():
+            conf, ref = TILE_CONFIG[which], fns[which]()
+            for variant in variants:
+                defaults = {f: getattr(conf, f) for f in variant}
+                for f, v in variant.items():
+                    setattr(conf, f, v)
+                try:
+                    got = fns[which]()
+                    rel = max(float((x - y).float().norm() / (y.float().norm() + 1e-30))
+                              for x, y in zip(got, ref) if x is not None)
+                    log(what="tile", heads=h, layer=kind, kernel=which, variant=variant,
+                        ms=timed(fns[which], 5) * 1e3, rel=rel)
+                except Exception as e:                                      # noqa: BLE001 - logged, next one
+                    log(what="tile", heads=h, layer=kind, kernel=which, variant=variant,
+                        error=f"{type(e).__name__}: {str(e)[:200]}")
+                finally:
+                    for f, v in defaults.items():
+                        setattr(conf, f, v)
+                torch.cuda.empty_cache()
 
 
 def _prefill_ab(cfg, model, deadline, seqs, mode: str, flag: str, set_paths, run, warm_up, reps: int) -> None:

@@ -16,6 +16,8 @@ process:
   tf32   training tok/s (as train) with the fp32 matrix products (compressors, mHC mixes) in fp32 against TF32
          (torch.backends.cuda.matmul.allow_tf32); then one step's gradients in TF32 against fp32 (not among the
          default sections; H100 2026-11-23: within noise, 34.8K/32.4K vs 34.9K/33.2K tok/s — not adopted)
+  fp32_linear  the same for the compressors' fp32 projections on bf16 tensor cores (model/fp32_linear.py: exact
+         products, three bf16 pieces per fp32 operand) against fp32 GEMMs (not among the default sections)
 Writes DIR/step_parts_ab.json after every record.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
 from bench_gpu import ab_train, build, log, timed  # noqa: E402
-from dsv4.model import Transformer, mhc, transformer  # noqa: E402
+from dsv4.model import Transformer, fp32_linear, mhc, transformer  # noqa: E402
 from dsv4.model.moe import MoE  # noqa: E402
 
 
@@ -126,26 +128,31 @@ def set_tf32(on: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = on
 
 
-def tf32_ab(cfg, deadline: float) -> None:
-    """TF32 for the step's fp32 GEMMs, off/on twice interleaved, then how far one step's gradients move."""
+def set_fp32_linear(on: bool) -> None:
+    fp32_linear.Config.enabled = on
+
+
+def precision_ab(cfg, deadline: float, switch, key: str) -> None:
+    """A form of the step's fp32 GEMMs off/on (switch(bool)), twice interleaved, then how far one step's
+    gradients move with it on, against the run-to-run floor of two steps with it off (atomic adds)."""
     model = build(cfg)
     Transformer.head_fp32 = False
-    ab_train(cfg, model, deadline, [(lambda on=on: set_tf32(on), dict(tf32=on)) for on in (False, True) * 2],
+    ab_train(cfg, model, deadline, [(lambda on=on: switch(on), {key: on}) for on in (False, True) * 2],
              shapes=((2, 4096),))
     torch.manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (1, 2048), device="cuda")
     grads = []
-    for on in (False, True, False):                 # the second fp32 step: the run-to-run floor (atomic adds)
-        set_tf32(on)
+    for on in (False, True, False):
+        switch(on)
         loss, g = bench_gpu.loss_and_grads(model, ids)
         grads.append(g)
-        log(what="tf32_loss", tf32=on, loss=loss)
+        log(what=f"{key}_loss", on=on, loss=loss)
 
     def rel(a, b):
         num = sum(float((a[k] - g).square().sum()) for k, g in b.items())
         return (num / sum(float(g.square().sum()) for g in b.values())) ** 0.5
-    log(what="tf32_grad_diff", tf32_vs_fp32=rel(grads[1], grads[0]), fp32_vs_fp32=rel(grads[2], grads[0]))
-    set_tf32(False)
+    log(what=f"{key}_grad_diff", on_vs_off=rel(grads[1], grads[0]), off_vs_off=rel(grads[2], grads[0]))
+    switch(key == "fp32_linear")                                  # back to the default
 
 
 def main() -> int:
@@ -164,7 +171,9 @@ def main() -> int:
     if "head_loss" in sections:
         head_loss_op(cfg, args.seq * 2)
     if "tf32" in sections:
-        tf32_ab(cfg, deadline)
+        precision_ab(cfg, deadline, set_tf32, "tf32")
+    if "fp32_linear" in sections:
+        precision_ab(cfg, deadline, set_fp32_linear, "fp32_linear")
     if "train" in sections:
         model = build(cfg)
         Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline

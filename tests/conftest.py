@@ -55,7 +55,7 @@ def triton_compiler() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def compile_for_hopper(kernel, constexprs: dict, pointers: dict, floats: tuple = ()) -> int:
+def compile_for_hopper(kernel, constexprs: dict, pointers: dict, floats: tuple = (), num_warps: int = 8) -> int:
     """Compile a @triton.jit kernel for sm90 (no GPU needed): constexprs by name, pointer arguments by name ->
     their element type ('fp32', 'bf16', 'i32'), `floats` the fp32 scalars, every other argument i32. -> bytes of
     shared memory per program."""
@@ -68,6 +68,6 @@ def compile_for_hopper(kernel, constexprs: dict, pointers: dict, floats: tuple =
     sig = {n: "constexpr" if n in constexprs else f"*{pointers[n]}" if n in pointers else
            "fp32" if n in floats else "i32" for n in names}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert ".entry" in compiled.asm["ptx"]
     return compiled.metadata.shared

@@ -157,11 +157,13 @@ def test_triton_backward_fits_hopper_at_v4_head_counts(heads):
     common = {"H": heads, "HG": sab.Config.head_group, "D": 512, "IEEE": False}
     for mode in (0, 1, 2):                        # window only, HCA entries, CSA picks
         for window_dkv in (False, True):
-            shared = compile_for_hopper(sab._bwd_kernel, {**common, "BN": 16, "MODE": mode,
-                                                          "WINDOW_DKV": window_dkv}, ptr, floats=("scale",))
+            shared = compile_for_hopper(sab._bwd_kernel, {**common, "BN": sab.walk_block(mode), "MODE": mode,
+                                                          "WINDOW_DKV": window_dkv}, ptr, floats=("scale",),
+                                        num_warps=sab.Config.warps)
             assert shared <= 227 * 1024, (mode, window_dkv, shared)
     shared = compile_for_hopper(sab._dkv_window_kernel, {**common, "BK": sab.Config.key_block,
-                                                         "TB": sab.Config.token_block}, ptr, floats=("scale",))
+                                                         "TB": sab.Config.token_block}, ptr, floats=("scale",),
+                                num_warps=sab.Config.window_warps)
     assert shared <= 227 * 1024, shared
 
 
@@ -215,7 +217,7 @@ def test_triton_forward_fits_hopper_at_v4_head_counts(heads):
     for mode in (0, 1, 2):
         shared = compile_for_hopper(saf._fwd_kernel, {"H": heads, "HG": saf.Config.head_group, "D": 512,
                                                       "BN": saf.Config.key_block, "MODE": mode, "IEEE": False},
-                                    ptr, floats=("scale",))
+                                    ptr, floats=("scale",), num_warps=saf.Config.warps)
         assert shared <= 227 * 1024, (mode, shared)
 
 

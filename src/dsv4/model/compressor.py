@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..numerics import indexer_roundtrip, kv_roundtrip
+from .fp32_linear import fp32_linear
 from .layers import RMSNorm, Rotary
 
 
@@ -53,10 +54,9 @@ class Compressor(nn.Module):
         rows go to ring slot pos % R; returns (the entry of pos's window computed from the ring [b, 1, d],
         whether pos completes that window as a 0-dim bool). The entry is meaningful only when complete."""
         m, d, R = self.ratio, self.head_dim, self.ring_size
-        xf = x.float()
         t = pos.view(1)
-        kv = xf @ self.wkv.weight.float().t()                                # [b, 1, c·d]
-        score = xf @ self.wgate.weight.float().t() + self.ape.float()[t % m]
+        kv = fp32_linear(x, self.wkv.weight)                                 # [b, 1, c·d] fp32
+        score = fp32_linear(x, self.wgate.weight) + self.ape.float()[t % m]
         ring["kv"].index_copy_(1, t % R, kv)
         ring["score"].index_copy_(1, t % R, score)
         start = (t // m) * m                                                 # first position of pos's window
@@ -81,10 +81,9 @@ class Compressor(nn.Module):
         number of pending tokens in `state`. `state` is updated in place."""
         b, L, _ = x.shape
         m, d = self.ratio, self.head_dim
-        xf = x.float()                                                       # compression runs in fp32
-        kv = xf @ self.wkv.weight.float().t()                                # [b, L, c·d]
+        kv = fp32_linear(x, self.wkv.weight)                                 # [b, L, c·d]: compression runs in fp32
         pos = torch.arange(start_pos, start_pos + L, device=x.device)
-        score = xf @ self.wgate.weight.float().t() + self.ape.float()[pos % m]
+        score = fp32_linear(x, self.wgate.weight) + self.ape.float()[pos % m]
         if state.pending_kv is not None and state.pending_kv.shape[1]:
             kv = torch.cat([state.pending_kv, kv], 1)
             score = torch.cat([state.pending_score, score], 1)

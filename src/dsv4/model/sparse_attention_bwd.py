@@ -145,12 +145,23 @@ class Config:
     window_dkv = "keys"
     key_block = 32            # keys per _dkv_window_kernel program
     token_block = 2           # tokens per step of its loop (× head_group = rows of its dots)
-    walk_block = 16           # keys per step of _bwd_kernel's walk (window band, then entries)
-    warps = 8                 # num_warps of _bwd_kernel
-    window_warps = 8          # num_warps of _dkv_window_kernel
+    walk_block = 32           # keys per step of _bwd_kernel's walk (window band, then entries) …
+    walk_block_hca = 16       # … in HCA layers (≤ L/128 visible entries: 32-key steps were slower there)
+    warps = 4                 # num_warps of _bwd_kernel
+    window_warps = 4          # num_warps of _dkv_window_kernel
+    # H100, b2×4096, 16 heads (fused_attention_ab.py --sections tiles; benchmarks/results/2026-11-24_h100_stop18):
+    # 32-key steps and 4 warps took the window / CSA / HCA layer's backward from 1.83 / 8.25 / 2.02 ms (16 keys,
+    # 8 warps) to 1.13 / 5.75 / 1.78 ms (HCA: 4 warps, 16-key steps); at 64 heads from 6.40 / 31.7 / 7.40 to
+    # 3.72 / 22.6 / 6.66 ms.
+    # 64-key steps and 4-token steps of the window kernel need more than the H100's shared memory.
     head_group = 16           # heads per program / step: tiles of 16 × head_dim fit in shared memory at any
                               # head count (V4: 64 / 128 heads; all heads at once would need ~290 KB at 64);
                               # at least 16, the fewest rows a Triton dot takes on a GPU
+
+
+def walk_block(mode: int) -> int:
+    """Keys per step of _bwd_kernel's walk for a layer of key_layout's MODE."""
+    return Config.walk_block_hca if mode == 1 else Config.walk_block
 
 
 def available(q: torch.Tensor) -> bool:
@@ -188,7 +199,7 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
         L, window, ratio, sel_c.shape[-1], d ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
         comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
-        H=h, HG=HG, D=d, BN=Config.walk_block, MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee,
+        H=h, HG=HG, D=d, BN=walk_block(mode), MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee,
         num_warps=Config.warps)
     if by_keys:
         BK = Config.key_block

@@ -1,0 +1,85 @@
+"""fp32 projections on bf16 tensor cores: the compressor's `x.float() @ w.float()ᵀ` without fp32 GEMMs.
+
+V4 computes the compressors' projections (wkv, wgate) in fp32. Their inputs are bf16 activations and, in the
+official checkpoints, bf16 weights; the product of two bf16 numbers is exact in fp32, so a bf16 GEMM that
+accumulates and returns fp32 (`torch.mm(..., out_dtype=torch.float32)`) gives the fp32 GEMM's result up to
+summation order, at tensor-core speed (an H100 runs fp32 GEMMs on its CUDA cores, ~15× slower; at b2×4096 the
+step's fp32 GEMMs took 14.6 ms). An fp32 operand (the incoming gradient; fp32 master weights) is first split
+into three bf16 pieces, hi + mid + lo, which hold its 24 mantissa bits: each piece's product is again exact
+and the three GEMMs' fp32 sum is the fp32 product to within fp32 rounding. Only products with at most one split
+operand are formed (a product of two fp32 operands falls back to the fp32 GEMM).
+
+Forward: y = x · wᵀ (w split if fp32). Backward: dW = gᵀ · x (g split), dx = g · w (g split; w bf16).
+Used on CUDA where torch has the fp32-output bf16 GEMM; elsewhere the plain fp32 product.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Config:
+    enabled = True       # False: the plain fp32 GEMMs (x.float() @ w.float().t()) everywhere
+
+
+def _pieces(a: torch.Tensor) -> list[torch.Tensor]:
+    """a (bf16: itself; fp32: hi, mid, lo in bf16 with hi + mid + lo = a to fp32 precision)."""
+    if a.dtype == torch.bfloat16:
+        return [a]
+    out, rest = [], a.float()
+    for i in range(3):
+        piece = rest.bfloat16()
+        out.append(piece)
+        if i < 2:
+            rest = rest - piece.float()
+    return out
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bf16 a [M, K] @ bf16 b [K, N] -> fp32 [M, N], accumulated in fp32 (exact products)."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())            # (CPU and tests: the same exact products)
+
+
+def _split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 precision where at most one of a, b is fp32 (that one split into bf16 pieces)."""
+    total = None
+    for pa in _pieces(a):
+        for pb in _pieces(b):
+            y = _mm32(pa, pb)
+            total = y if total is None else total.add_(y)
+    return total
+
+
+class _Fp32Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return _split_mm(x.flatten(0, -2), w.t()).unflatten(0, x.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g2 = g.flatten(0, -2).float()                                          # [M, N]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (_split_mm(g2, w) if w.dtype == torch.bfloat16 else g2 @ w.float())
+            dx = dx.unflatten(0, x.shape[:-1]).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = _split_mm(g2.t(), x.flatten(0, -2)).to(w.dtype)               # [N, K]
+        return dx, dw
+
+
+def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The tensor-core form applies: CUDA, bf16 activations, bf16 or fp32 weights, and a torch with the
+    fp32-output bf16 GEMM (aten::mm.dtype, torch ≥ 2.8)."""
+    return (Config.enabled and x.is_cuda and x.dtype == torch.bfloat16 and w.dtype in (torch.bfloat16, torch.float32)
+            and hasattr(torch.ops.aten.mm, "dtype"))
+
+
+def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w [N, K]ᵀ in fp32 -> [..., N] fp32: the same values as x.float() @ w.float().t() up to
+    summation order (module docstring), on tensor cores where `usable`."""
+    if usable(x, w):
+        return _Fp32Linear.apply(x, w)
+    return x.float() @ w.float().t()

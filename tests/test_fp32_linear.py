@@ -1,0 +1,54 @@
+"""The compressor's fp32 projection on bf16 tensor cores (model/fp32_linear.py): same values as fp32 GEMMs."""
+import pytest
+import torch
+
+from dsv4.model import fp32_linear as fl
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and hasattr(torch.ops.aten.mm, "dtype") else [])
+
+
+def test_three_bf16_pieces_hold_an_fp32_value():
+    """hi + mid + lo gives back every fp32 value (wide exponent range, both signs) to fp32 precision; two pieces
+    would leave errors near 2⁻¹⁶."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-60, 60, (4096,), generator=g).float())
+    hi, mid, lo = fl._pieces(a)
+    assert hi.dtype == mid.dtype == lo.dtype == torch.bfloat16
+    err = (hi.double() + mid.double() + lo.double() - a.double()).abs()
+    assert bool((err <= a.double().abs() * 2.0 ** -23).all())
+    assert float(((hi.double() + mid.double() - a.double()).abs() / a.double().abs()).max()) > 2.0 ** -20
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+def test_values_and_gradients_equal_fp32_products(monkeypatch, device, w_dtype):
+    """y = x·wᵀ, dx and dW through the tensor-core form against float64 products of the same numbers: within
+    fp32 rounding (1e-6 relative), where a bf16 GEMM with bf16 output is ~1e-3 off. (On the CPU the form is
+    forced on; its products are then fp32 GEMMs of the bf16 pieces, the same exact products.)"""
+    if device == "cpu":
+        monkeypatch.setattr(fl, "usable", lambda x, w: True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 96, 256, generator=g).bfloat16().to(device).requires_grad_()
+    w = (torch.randn(192, 256, generator=g) / 16).to(w_dtype).to(device).requires_grad_()
+    up = torch.randn(2, 96, 192, generator=g).to(device)                     # an fp32 incoming gradient
+    y = fl.fp32_linear(x, w)
+    assert y.dtype == torch.float32
+    (y * up).sum().backward()
+
+    xd, wd, ud = x.detach().double(), w.detach().double(), up.double()
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
+    assert rel(y.detach(), xd @ wd.t()) < 1e-6
+    assert rel(w.grad, ud.flatten(0, 1).t() @ xd.flatten(0, 1)) < (1e-6 if w_dtype == torch.float32 else 4e-3)
+    assert x.grad.dtype == torch.bfloat16 and rel(x.grad, ud @ wd) < 4e-3          # (bf16 output: rounding only)
+    assert rel(x.grad, (ud @ wd).bfloat16().double()) < 1e-5                       # … of the fp32-exact value
+    assert rel((x.detach() @ w.detach().bfloat16().t()).float(), xd @ wd.t()) > 1e-4   # what a bf16 GEMM gives
+
+
+def test_off_cuda_or_disabled_it_is_the_plain_fp32_product(monkeypatch):
+    """Where the form does not apply (CPU, or Config.enabled False) the result is x.float() @ w.float().t()
+    itself, bit for bit."""
+    x = torch.randn(3, 5, 64).bfloat16()
+    w = torch.randn(32, 64)
+    assert torch.equal(fl.fp32_linear(x, w), x.float() @ w.t())
+    monkeypatch.setattr(fl.Config, "enabled", False)
+    assert not fl.usable(x.cuda() if torch.cuda.is_available() else x, w)
