@@ -40,7 +40,9 @@ def test_values_and_gradients_equal_fp32_products(monkeypatch, device, w_dtype):
     assert rel(y.detach(), xd @ wd.t()) < 1e-6
     assert rel(w.grad, ud.flatten(0, 1).t() @ xd.flatten(0, 1)) < (1e-6 if w_dtype == torch.float32 else 4e-3)
     assert x.grad.dtype == torch.bfloat16 and rel(x.grad, ud @ wd) < 4e-3          # (bf16 output: rounding only)
-    assert rel(x.grad, (ud @ wd).bfloat16().double()) < 1e-5                       # … of the fp32-exact value
+    # … of a value within fp32 rounding: only rare elements near a bf16 tie round the other way (H100: 4e-5;
+    # CPU 5e-6), where g as one bf16 piece is 2.6e-3 off (two pieces: 1.2e-4; the dW check above needs three)
+    assert rel(x.grad, (ud @ wd).bfloat16().double()) < 2e-4
     assert rel((x.detach() @ w.detach().bfloat16().t()).float(), xd @ wd.t()) > 1e-4   # what a bf16 GEMM gives
 
 
