@@ -147,14 +147,14 @@ def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = Fa
     for b, s in TRAIN_SHAPES:
         ids = torch.randint(0, V, (b, s + 1), device="cuda")
         x, y = ids[:, :-1], ids[:, 1:]                             # s tokens in, s targets
-        graphed = GraphedStep(model, loss_of, warmup=2) if graph else None
+        graphed = GraphedStep(model, loss_of, warmup=2, accumulate=False) if graph else None   # as dsv4 train
 
         def step():
             if graphed is not None:
                 graphed(x, y)
             else:
                 loss_of(x, y)[0].backward()
-            model.zero_grad(set_to_none=graphed is None)
+            model.zero_grad(set_to_none=True)
         try:
             step()
             step()                                                 # warm-up: compiled mHC pieces settle
@@ -186,7 +186,7 @@ def graph_check(model, cfg, out: Path) -> bool:
     params = dict(model.named_parameters())
     ref = torch.cat([params[n].grad.float().flatten() for n in names])
     ref_loss = float(loss_of(x, y)[0].detach())
-    step = GraphedStep(model, loss_of, warmup=1)
+    step = GraphedStep(model, loss_of, warmup=1, accumulate=False)        # (as the training rows use it)
     rel = []
     for _ in range(3):                                             # eager warm-up, capture + replay, replay
         model.zero_grad(set_to_none=True)

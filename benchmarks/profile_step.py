@@ -68,14 +68,14 @@ def profile_train(model, out: Path, b: int, s: int, compiled: bool = False, grap
     from bench_gpu import make_loss                      # the loss of the README table's training rows
     loss = make_loss(model, mtp=not full_logits, chunked_loss=not full_logits)
     x, y = ids[:, :-1], ids[:, 1:]                       # s tokens in, s targets
-    graphed = GraphedStep(model, loss, warmup=2) if graph else None
+    graphed = GraphedStep(model, loss, warmup=2, accumulate=False) if graph else None
 
     def step():
         if graphed is not None:                           # replayed (the first two calls eager, the third captures)
             graphed(x, y)
         else:
             loss(x, y)[0].backward()
-        model.zero_grad(set_to_none=graphed is None)
+        model.zero_grad(set_to_none=True)
     for _ in range(3 if graph else 2):
         step()
     torch.cuda.synchronize()

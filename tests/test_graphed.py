@@ -33,7 +33,8 @@ def _flat(grads: dict) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads.values()])
 
 
-def test_replayed_steps_equal_eager_steps():
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_replayed_steps_equal_eager_steps(accumulate):
     """Loss and gradients of each replay equal an eager step's on the same batch, judged against the noise floor:
     a second eager model (same weights, same batches; on the H100 it gave identical gradients) and fixed bounds
     beyond it — all gradients together 2e-3, each tensor 3e-2, a tensor of ≤ 16 elements 1e-1. The graph runs
@@ -41,7 +42,8 @@ def test_replayed_steps_equal_eager_steps():
     layers.0.hc_attn_scale, a sum over every token with cancellation, 3.7e-2 off at the second replay). A stale
     input, a lost or doubled accumulation would be off by O(1)."""
     eager, twin, graphed = (random_tiny().cuda().train() for _ in range(3))
-    step = GraphedStep(graphed, _loss(graphed), warmup=1, check_inputs=lambda x, y: graphed._check_ids(x))
+    step = GraphedStep(graphed, _loss(graphed), warmup=1, check_inputs=lambda x, y: graphed._check_ids(x),
+                       accumulate=accumulate)
     g = torch.Generator().manual_seed(0)
     # the first training step of a process differs from every later one on the H100 (loss 8.7027 vs 8.6988 on
     # the first batch below; later steps agree bit for bit on any stream, strided ids or not:
@@ -62,7 +64,7 @@ def test_replayed_steps_equal_eager_steps():
         ref = refs[0]
         assert _close(out[0], ref[0].detach(), 1e-4) and _close(out[1], ref[1].detach(), 1e-4), i
         ge, gt, gg = _grads(eager), _grads(twin), _grads(graphed)
-        assert ge.keys() <= gg.keys()     # the graph's gradients exist for every trainable parameter (zero if unused)
+        assert ge.keys() <= gg.keys()     # (accumulate: the graph's gradients exist for every parameter, zero if unused)
         ge = {n: ge.get(n, torch.zeros_like(v)) for n, v in gg.items()}
         gt = {n: gt.get(n, torch.zeros_like(v)) for n, v in gg.items()}
         noise, err = rel_diff(_flat(gt), _flat(ge)), rel_diff(_flat(gg), _flat(ge))
@@ -88,6 +90,31 @@ def test_gradients_accumulate_across_replays():
     twice = _grads(model)
     for n in once:
         assert _close(twice[n], 2 * once[n]), n
+
+
+def test_without_accumulation_each_replay_writes_the_gradients():
+    """accumulate=False: a replay without zeroing gives the same gradients as the one before (written, not
+    added), and they are the eager step's; the parameters' .grad are the graph's buffers, no per-parameter
+    zero tensors were added for parameters the loss does not reach."""
+    model, ref = random_tiny().cuda().train(), random_tiny().cuda().train()
+    step = GraphedStep(model, _loss(model), warmup=1, accumulate=False)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 33), device="cuda")
+    x, y = ids[:, :-1], ids[:, 1:]
+    for m in (model, ref):                                   # (the process's first step differs: see above)
+        _loss(m)(x, y)[0].backward()
+        m.zero_grad(set_to_none=True)
+    step(x, y)                                               # eager warm-up
+    step(x, y)                                               # capture + replay
+    once = _grads(model)
+    step(x, y)                                               # no zeroing: the graph overwrites
+    twice = _grads(model)
+    _loss(ref)(x, y)[0].backward()
+    eager = _grads(ref)
+    assert once.keys() == twice.keys() == eager.keys()
+    assert _close(_flat(twice), _flat(once)) and _close(_flat(twice), _flat(eager))   # added twice: 100% off
+    for n in once:                        # each tensor as in the test above (tiny sums with cancellation: 1e-1)
+        tol = 1e-1 if once[n].numel() <= 16 else 3e-2
+        assert _close(twice[n], once[n], tol) and _close(twice[n], eager[n], tol), n
 
 
 def test_bad_ids_are_rejected_before_the_graph():

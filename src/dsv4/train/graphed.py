@@ -13,6 +13,10 @@ What it relies on (all true of dsv4's training path on one GPU):
 - gradients that exist before capture: the graph *adds* into them (so gradient accumulation, clipping and
   the optimizers work unchanged); every trainable parameter gets one (zero where unused). If something sets
   them to None (zero_grad's default), the next replay puts the captured tensors back, zeroed.
+  Or, with accumulate=False (one micro-step per optimizer step), the graph *writes* them: captured from None,
+  each gradient is the graph's own output buffer, which every replay overwrites — no zeroing and no addition
+  per parameter (the bench model has ~2,000 parameters, 64 experts × 3 per layer: on the H100 their
+  additions and zeroing were ~4,000 small kernels, 10 ms of a 158 ms step).
 The first `warmup` calls of a shape run eagerly (real steps, on a side stream as CUDA graphs require): they
 compile, autotune and allocate what the capture must find ready.
 """
@@ -31,11 +35,13 @@ class GraphedStep:
     """step = GraphedStep(model, fn); outs = step(*inputs): fn(*inputs) -> tuple of tensors whose first is the
     loss; runs fn and `outs[0].backward()` (eagerly for the first `warmup` calls of a shape, then from a CUDA
     graph). Returned tensors are the graph's own output buffers: read them (float(), .clone()) before the
-    next call overwrites them."""
+    next call overwrites them. accumulate: the backward adds into the parameters' gradients (True) or
+    writes them (False; module docstring)."""
 
     def __init__(self, model: torch.nn.Module, fn: Callable[..., Sequence[torch.Tensor]], warmup: int = 2,
-                 check_inputs: Callable[..., None] | None = None, capture_error_mode: str = "global"):
-        self.model, self.fn, self.warmup = model, fn, warmup
+                 check_inputs: Callable[..., None] | None = None, capture_error_mode: str = "global",
+                 accumulate: bool = True):
+        self.model, self.fn, self.warmup, self.accumulate = model, fn, warmup, accumulate
         self._redirect_stale_streams()            # process-wide, once
         self.capture_error_mode = capture_error_mode
         self.check_inputs = check_inputs
@@ -62,12 +68,15 @@ class GraphedStep:
         return self._replay(key, inputs)
 
     def _params(self) -> list[torch.nn.Parameter]:
-        """Trainable parameters, each given a zero gradient where it has none: the warm-up steps then run the
-        very kernels the captured step will (the backward adding into existing gradients; a kernel first
-        launched during a capture must load its module, which a capture does not allow)."""
+        """Trainable parameters, each given a zero gradient where it has none (accumulate; else none at all):
+        the warm-up steps then run the very kernels the captured step will (the backward adding into existing
+        gradients, or writing new ones; a kernel first launched during a capture must load its module, which a
+        capture does not allow)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
-            if p.grad is None:
+            if not self.accumulate:
+                p.grad = None
+            elif p.grad is None:
                 p.grad = torch.zeros_like(p)
         return params
 
@@ -95,8 +104,7 @@ class GraphedStep:
         return tuple(o.detach() for o in outs)
 
     def _capture(self, key, inputs) -> None:
-        params = self._params()                   # the graph adds into these gradients
-        grads = [p.grad for p in params]
+        params = self._params()                   # the graph adds into these gradients (or creates them)
         static_in = tuple(x.clone() for x in inputs)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -109,14 +117,17 @@ class GraphedStep:
                              "(something in it reads a value back to the host, e.g. the experts' reference loop, "
                              "which runs in fp32, or an autograd graph from an earlier forward on the default "
                              "stream is still alive; train in bf16 or without the CUDA graph)") from e
-        self.graphs[key] = (graph, static_in, tuple(o.detach() for o in outs), list(zip(params, grads)))
+        grads = [(p, p.grad) for p in params if p.grad is not None]      # (not accumulate: the graph's outputs)
+        self.graphs[key] = (graph, static_in, tuple(o.detach() for o in outs), grads)
         self.captures += 1
 
     def _replay(self, key, inputs) -> tuple[torch.Tensor, ...]:
         graph, static_in, outs, grads = self.graphs[key]
         reset = []
         for p, g in grads:
-            if p.grad is None:                     # zero_grad(set_to_none=True) since the capture
+            if not self.accumulate:                # the replay overwrites g: nothing to zero or keep
+                p.grad = g
+            elif p.grad is None:                   # zero_grad(set_to_none=True) since the capture
                 reset.append(g)
                 p.grad = g
             elif p.grad is not g:                  # replaced: keep its value in the captured tensor

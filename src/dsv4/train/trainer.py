@@ -250,7 +250,8 @@ class Trainer:
                 raise TrainError("cuda_graph runs in one process (FSDP2's collectives are not captured): "
                                  "train on one GPU or without --cuda-graph")
             self.graphed = GraphedStep(self.model, self._micro_loss, warmup=2,
-                                       check_inputs=lambda x, y: self.model._check_ids(x))
+                                       check_inputs=lambda x, y: self.model._check_ids(x),
+                                       accumulate=tc.grad_accum > 1)    # one micro-step: the graph writes them
 
         from .optim import build_optimizer
         self.opt = build_optimizer(self.model, lr=tc.lr, weight_decay=tc.weight_decay, muon=tc.optimizer == "muon")
@@ -439,7 +440,8 @@ class Trainer:
         lr = lr_at(self.step, tc.steps, tc.lr, tc.warmup, tc.schedule, tc.min_lr_ratio)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        self.opt.zero_grad(set_to_none=self.graphed is None)     # a CUDA graph adds into the gradients it holds
+        # a CUDA graph that adds into the gradients it holds (grad_accum > 1) needs them zeroed, not dropped
+        self.opt.zero_grad(set_to_none=self.graphed is None or not self.graphed.accumulate)
         totals = dict.fromkeys(LOSS_PARTS, 0.0)
         for _ in range(tc.grad_accum):
             x, y = next(self.loader)
