@@ -6,11 +6,14 @@ accumulates and returns fp32 (`torch.mm(..., out_dtype=torch.float32)`) gives th
 summation order, at tensor-core speed (an H100 runs fp32 GEMMs on its CUDA cores, ~15× slower; at b2×4096 the
 step's fp32 GEMMs took 14.6 ms). An fp32 operand (the incoming gradient; fp32 master weights) is first split
 into three bf16 pieces, hi + mid + lo, which hold its 24 mantissa bits: each piece's product is again exact
-and the three GEMMs' fp32 sum is the fp32 product to within fp32 rounding. Only products with at most one split
-operand are formed (a product of two fp32 operands falls back to the fp32 GEMM).
+and the three GEMMs' fp32 sum is the fp32 product to within fp32 rounding.
 
-Forward: y = x · wᵀ (w split if fp32). Backward: dW = gᵀ · x (g split), dx = g · w (g split; w bf16).
-Used on CUDA where torch has the fp32-output bf16 GEMM; elsewhere the plain fp32 product.
+Forward: y = x · wᵀ. Backward: dW = gᵀ · x, dx = g · w (g split). Used on CUDA for bf16 activations and bf16
+weights (bf16 models, the official checkpoints) where torch has the fp32-output bf16 GEMM; elsewhere, and for
+fp32 master weights (`dsv4 train`), the plain fp32 product. (fp32 weights split the same way ran in `dsv4 train
+--cuda-graph` on the H100 together with GraphedStep(accumulate=False), and a compiled mHC backward then got a
+strided gradient at the second step; either change alone ran 40 steps. Not investigated: fp32 weights stay on
+the fp32 GEMMs.)
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b in fp32 precision where at most one of a, b is fp32 (that one split into bf16 pieces)."""
+    """a @ b in fp32 precision, a fp32 (split into bf16 pieces) or bf16, b bf16."""
     total = None
     for pa in _pieces(a):
         for pb in _pieces(b):
@@ -63,17 +66,16 @@ class _Fp32Linear(torch.autograd.Function):
         g2 = g.flatten(0, -2).float()                                          # [M, N]
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = (_split_mm(g2, w) if w.dtype == torch.bfloat16 else g2 @ w.float())
-            dx = dx.unflatten(0, x.shape[:-1]).to(x.dtype)
+            dx = _split_mm(g2, w).unflatten(0, x.shape[:-1]).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dw = _split_mm(g2.t(), x.flatten(0, -2)).to(w.dtype)               # [N, K]
         return dx, dw
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """The tensor-core form applies: CUDA, bf16 activations, bf16 or fp32 weights, and a torch with the
-    fp32-output bf16 GEMM (aten::mm.dtype, torch ≥ 2.8)."""
-    return (Config.enabled and x.is_cuda and x.dtype == torch.bfloat16 and w.dtype in (torch.bfloat16, torch.float32)
+    """The tensor-core form applies: CUDA, bf16 activations and weights, and a torch with the fp32-output bf16
+    GEMM (aten::mm.dtype, torch ≥ 2.8)."""
+    return (Config.enabled and x.is_cuda and x.dtype == w.dtype == torch.bfloat16
             and hasattr(torch.ops.aten.mm, "dtype"))
 
 
