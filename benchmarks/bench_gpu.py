@@ -48,6 +48,12 @@ TRAIN_SHAPES = [(1, 4096), (2, 4096)]
 DECODE = {"batches": (1, 16, 64), "prompt": 2048, "new": 64, "kv_context": 1 << 20}
 
 
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in fp32 (0-safe): how far a result is from its reference."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / (b.norm() + 1e-30))
+
+
 def log(**kw) -> None:
     RESULTS.append(kw)
     print(json.dumps(kw), flush=True)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
-from bench_gpu import ab_train, build, log, timed  # noqa: E402
+from bench_gpu import ab_train, build, log, rel_diff, timed  # noqa: E402
 from dsv4.inference.generate import prefill  # noqa: E402
 from dsv4.model import (Transformer, init_weights, sparse_attention, sparse_attention_bwd,  # noqa: E402
                         sparse_attention_fwd)
@@ -57,7 +57,7 @@ def check(cfg) -> None:
         loss.backward()
         res.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         model.zero_grad(set_to_none=True)
-    worst = max(float((res[1][1][n] - g).norm() / (g.norm() + 1e-30)) for n, g in res[0][1].items())
+    worst = max(rel_diff(res[1][1][n], g) for n, g in res[0][1].items())
     log(what="check_fp32", seq=2048, loss_ref=res[0][0], loss_fused=res[1][0], worst_grad_rel=worst)
     del model
     torch.cuda.empty_cache()
@@ -127,21 +127,21 @@ def backward_kernels(cfg, h: int) -> None:
         ref = outs["atomic"]
         for label, got in outs.items():
             if label != "atomic":
-                diff = {name: float((x - y).float().norm() / (y.float().norm() + 1e-30))
+                diff = {name: rel_diff(x, y)
                         for name, x, y in zip(("dq", "dkv", "dcomp", "dsink"), got, ref) if x is not None}
                 log(what="bwd_kernel_diff", heads=h, layer=kind, dkv=label, rel=diff)
     sparse_attention_bwd.Config.window_dkv = "keys"
 
 
-B, F_ = sparse_attention_bwd.Config, sparse_attention_fwd.Config
-TILE_SWEEP = {     # kernel -> variants {Config field: value}, each against the defaults ({}): one field at a time,
-    "bwd": [{}, {"walk_block": 32}, {"walk_block": 64}, {"warps": 4}, {"key_block": 64},  # then the promising
-            {"token_block": 4}, {"window_warps": 4}, {"warps": 2}, {"walk_block": 32, "warps": 4},   # pairs
+# kernel -> variants {Config field: value}, each against the defaults ({}): one field at a time, then pairs
+TILE_SWEEP = {
+    "bwd": [{}, {"walk_block": 32}, {"walk_block": 64}, {"warps": 4}, {"key_block": 64},
+            {"token_block": 4}, {"window_warps": 4}, {"warps": 2}, {"walk_block": 32, "warps": 4},
             {"walk_block": 32, "warps": 2}, {"walk_block": 32, "warps": 4, "window_warps": 4}],
     "fwd": [{}, {"key_block": 16}, {"key_block": 64}, {"warps": 4}, {"warps": 2}, {"key_block": 64, "warps": 4},
             {"key_block": 16, "warps": 4}],
 }
-TILE_CONFIG = {"bwd": B, "fwd": F_}
+TILE_CONFIG = {"bwd": sparse_attention_bwd.Config, "fwd": sparse_attention_fwd.Config}
 
 
 def tile_sweep(cfg, h: int) -> None:
@@ -161,8 +161,7 @@ def tile_sweep(cfg, h: int) -> None:
                     setattr(conf, f, v)
                 try:
                     got = fns[which]()
-                    rel = max(float((x - y).float().norm() / (y.float().norm() + 1e-30))
-                              for x, y in zip(got, ref) if x is not None)
+                    rel = max(rel_diff(x, y) for x, y in zip(got, ref) if x is not None)
                     log(what="tile", heads=h, layer=kind, kernel=which, variant=variant,
                         ms=timed(fns[which], 5) * 1e3, rel=rel)
                 except Exception as e:                                      # noqa: BLE001 - logged, next one

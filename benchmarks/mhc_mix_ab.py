@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
-from bench_gpu import ab_train, build, grads_rel_diff, log, loss_and_grads, timed  # noqa: E402
+from bench_gpu import ab_train, build, grads_rel_diff, log, loss_and_grads, rel_diff, timed  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
 from dsv4.model.mhc import Fusion, hc_pre_fast  # noqa: E402
 
@@ -37,10 +37,6 @@ def use_kernel(on: bool) -> None:
     """Switch, and drop compiled graphs so that the compiled mHC functions are traced again with it."""
     Fusion.mix_kernel = on
     torch._dynamo.reset()
-
-
-def _rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / (b.float().norm() + 1e-30))
 
 
 def check(cfg) -> None:
@@ -88,7 +84,7 @@ def op(cfg) -> None:
                 ms=timed(again, 5) * 1e3)
         names = ("x", "post", "comb", "d_streams", "d_fn")
         log(what="hc_pre_diff", streams=str(dtype).replace("torch.", ""),
-            **{f"{k}_rel": _rel(a, b) for k, a, b in zip(names, outs[True], outs[False])})
+            **{f"{k}_rel": rel_diff(a, b) for k, a, b in zip(names, outs[True], outs[False])})
 
 
 def sweep(cfg) -> None:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
-from bench_gpu import ab_train, build, log, timed  # noqa: E402
+from bench_gpu import ab_train, build, log, rel_diff, timed  # noqa: E402
 from dsv4.model import Transformer, fp32_linear, mhc, transformer  # noqa: E402
 from dsv4.model.moe import MoE  # noqa: E402
 
@@ -62,10 +62,6 @@ def use(form: dict) -> None:
     torch._dynamo.reset()
 
 
-def _rel(a, b) -> float:
-    return float((a.detach().float() - b.detach().float()).norm() / (b.detach().float().norm() + 1e-30))
-
-
 def op(cfg, s: int = 4096) -> None:
     b, n, D = 2, cfg.hc_mult, cfg.hidden_size
     torch.manual_seed(0)
@@ -83,7 +79,7 @@ def op(cfg, s: int = 4096) -> None:
         res[name] = step()
         log(what="op", part="expand", form=name, ms=timed(step, 5) * 1e3)
     (o0, g0), (o1, g1) = res["einsum"], res["broadcast"]
-    log(what="op_diff", part="expand", out_rel=_rel(o1, o0), grad_rel=[_rel(a, r) for a, r in zip(g1, g0)])
+    log(what="op_diff", part="expand", out_rel=rel_diff(o1, o0), grad_rel=[rel_diff(a, r) for a, r in zip(g1, g0)])
 
     moe = build(cfg).layers[2].ffn                      # one MoE layer's 64 experts, bf16
     for name, fn in (("per-expert cat", OLD["experts"]), ("stacks", NEW["experts"])):
@@ -120,7 +116,7 @@ def head_loss_op(cfg, T: int = 8192) -> None:
         log(what="op", part="head loss", kernel=on, ms=timed(step, 5) * 1e3,
             peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
     (l0, g0), (l1, g1) = res[False], res[True]
-    log(what="op_diff", part="head loss", loss_rel=_rel(l1, l0), grad_rel=[_rel(a, r) for a, r in zip(g1, g0)])
+    log(what="op_diff", part="head loss", loss_rel=rel_diff(l1, l0), grad_rel=[rel_diff(a, r) for a, r in zip(g1, g0)])
     head_loss.Config.kernel = default
 
 
@@ -132,9 +128,10 @@ def set_fp32_linear(on: bool) -> None:
     fp32_linear.Config.enabled = on
 
 
-def precision_ab(cfg, deadline: float, switch, key: str) -> None:
+def precision_ab(cfg, deadline: float, switch, key: str, default: bool) -> None:
     """A form of the step's fp32 GEMMs off/on (switch(bool)), twice interleaved, then how far one step's
-    gradients move with it on, against the run-to-run floor of two steps with it off (atomic adds)."""
+    gradients move with it on, against the run-to-run floor of two steps with it off (atomic adds); then
+    switch(default)."""
     model = build(cfg)
     Transformer.head_fp32 = False
     ab_train(cfg, model, deadline, [(lambda on=on: switch(on), {key: on}) for on in (False, True) * 2],
@@ -147,12 +144,9 @@ def precision_ab(cfg, deadline: float, switch, key: str) -> None:
         loss, g = bench_gpu.loss_and_grads(model, ids)
         grads.append(g)
         log(what=f"{key}_loss", on=on, loss=loss)
-
-    def rel(a, b):
-        num = sum(float((a[k] - g).square().sum()) for k, g in b.items())
-        return (num / sum(float(g.square().sum()) for g in b.values())) ** 0.5
-    log(what=f"{key}_grad_diff", on_vs_off=rel(grads[1], grads[0]), off_vs_off=rel(grads[2], grads[0]))
-    switch(key == "fp32_linear")                                  # back to the default
+    log(what=f"{key}_grad_diff", on_vs_off=bench_gpu.grads_rel_diff(grads[1], grads[0]),
+        off_vs_off=bench_gpu.grads_rel_diff(grads[2], grads[0]))
+    switch(default)
 
 
 def main() -> int:
@@ -171,9 +165,9 @@ def main() -> int:
     if "head_loss" in sections:
         head_loss_op(cfg, args.seq * 2)
     if "tf32" in sections:
-        precision_ab(cfg, deadline, set_tf32, "tf32")
+        precision_ab(cfg, deadline, set_tf32, "tf32", default=False)
     if "fp32_linear" in sections:
-        precision_ab(cfg, deadline, set_fp32_linear, "fp32_linear")
+        precision_ab(cfg, deadline, set_fp32_linear, "fp32_linear", default=True)
     if "train" in sections:
         model = build(cfg)
         Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline

@@ -4,7 +4,7 @@ V4 computes the compressors' projections (wkv, wgate) in fp32. Their inputs are 
 official checkpoints, bf16 weights; the product of two bf16 numbers is exact in fp32, so a bf16 GEMM that
 accumulates and returns fp32 (`torch.mm(..., out_dtype=torch.float32)`) gives the fp32 GEMM's result up to
 summation order, at tensor-core speed (an H100 runs fp32 GEMMs on its CUDA cores, ~15× slower; at b2×4096 the
-step's fp32 GEMMs took 14.6 ms). An fp32 operand (the incoming gradient; fp32 master weights) is first split
+step's fp32 GEMMs took 14.6 ms). The fp32 operand of the backward (the incoming gradient) is first split
 into three bf16 pieces, hi + mid + lo, which hold its 24 mantissa bits: each piece's product is again exact
 and the three GEMMs' fp32 sum is the fp32 product to within fp32 rounding.
 
@@ -47,10 +47,9 @@ def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in fp32 precision, a fp32 (split into bf16 pieces) or bf16, b bf16."""
     total = None
-    for pa in _pieces(a):
-        for pb in _pieces(b):
-            y = _mm32(pa, pb)
-            total = y if total is None else total.add_(y)
+    for piece in _pieces(a):
+        y = _mm32(piece, b)
+        total = y if total is None else total.add_(y)
     return total
 
 
