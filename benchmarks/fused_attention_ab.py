@@ -5,9 +5,10 @@
 
   check    fp32 on the bench config, 2048 tokens: loss and gradients fused vs reference
   train    forward+backward tok/s at b1x4096 and b2x4096 (LM loss): reference; the default (Triton forward and
-           backward, sparse_attention_bwd.py); the default with the window's dKV by atomic adds
+           backward, sparse_attention_bwd.py); the default with the CSA picks' dK by atomic adds
   bwd      the Triton backward alone per layer kind (window / CSA / HCA) at b2x4096: ms, the window's dKV by
-           atomic adds vs per key block (Config.window_dkv) (--bwd-heads 16 64: also at V4's head count)
+           atomic adds vs per key block (Config.window_dkv), the CSA picks' dK by atomic adds vs GEMMs
+           (Config.pick_dkv) (--bwd-heads 16 64: also at V4's head count)
   fwd      the forward alone per layer kind at b2x4096: FlexAttention (block mask included) vs the Triton
            forward (sparse_attention_fwd.py), ms and how far apart their outputs are (--bwd-heads as above)
   tiles    the Triton forward's and backward's tile sizes and warps, one at a time, per layer kind at
@@ -65,21 +66,22 @@ def check(cfg) -> None:
 
 def train(cfg, model, deadline) -> None:
     default_fwd = sparse_attention.Forward.triton
+    conf = sparse_attention_bwd.Config
 
-    def variant(fused, triton_bwd, window_dkv, triton_fwd):
+    def variant(fused, triton_bwd, window_dkv, pick_dkv, triton_fwd):
         def switch():
             set_fused(fused, fused)
             sparse_attention.Backward.triton = triton_bwd
             sparse_attention.Forward.triton = triton_fwd
-            sparse_attention_bwd.Config.window_dkv = window_dkv
+            conf.window_dkv, conf.pick_dkv = window_dkv, pick_dkv
         return switch, dict(fused=fused, forward="triton" if triton_fwd else ("flex" if fused else "reference"),
-                            backward=f"triton (window {window_dkv})" if triton_bwd else "reference")
-    # the reference path, the default (Triton forward and backward, window dKV per key block), and the window's
-    # dKV by atomic adds — twice each, interleaved (host-bound rows drift within a process)
-    ab_train(cfg, model, deadline, [variant(False, False, "keys", False)]
-             + [variant(True, True, "keys", True), variant(True, True, "atomic", True)] * 2)
+                            backward=f"triton (window {window_dkv}, picks {pick_dkv})" if triton_bwd else "reference")
+    # the reference path, the default (Triton forward and backward, window dKV per key block, CSA picks' dK by
+    # GEMMs), and the CSA picks' dK by atomic adds — twice each, interleaved (host-bound rows drift in a process)
+    ab_train(cfg, model, deadline, [variant(False, False, "keys", "gemm", False)]
+             + [variant(True, True, "keys", "gemm", True), variant(True, True, "keys", "atomic", True)] * 2)
     sparse_attention.Forward.triton = default_fwd
-    sparse_attention_bwd.Config.window_dkv = "keys"
+    conf.window_dkv, conf.pick_dkv = "keys", "gemm"
 
 
 def _layer_inputs(cfg, h: int):
@@ -114,23 +116,26 @@ def forward_kernels(cfg, h: int) -> None:
 def backward_kernels(cfg, h: int) -> None:
     """The Triton backward alone at b2×4096 (bench head_dim, h heads, bf16): per layer kind, ms per call with the
     window's dKV by atomic adds from the per-token kernel vs per key block (`_dkv_window_kernel`, the default),
-    and how far apart their gradients are (the compressed entries' dK is by atomic adds either way)."""
+    and in CSA layers the picked entries' dK by atomic adds vs by GEMMs over the picks' coefficients
+    (`pick_dcomp`, the default); how far apart the variants' gradients are from the first."""
     q, kv, do, o, lse, sink, kinds = _layer_inputs(cfg, h)
     W = cfg.sliding_window
+    conf = sparse_attention_bwd.Config
     for kind, (comp, s_, ratio) in kinds.items():
         outs = {}
-        for label in ("atomic", "keys"):
-            sparse_attention_bwd.Config.window_dkv = label
+        variants = [("atomic", "atomic"), ("keys", "atomic")] + ([("keys", "gemm")] if kind == "CSA" else [])
+        for window_dkv, pick_dkv in variants:
+            conf.window_dkv, conf.pick_dkv = window_dkv, pick_dkv
             fn = lambda: sparse_attention_bwd.backward(q, kv, comp, s_, o, do, lse, sink, W, ratio)  # noqa: E731
+            label = f"window {window_dkv}, picks {pick_dkv}"
             outs[label] = fn()
             log(what="bwd_kernel", heads=h, layer=kind, dkv=label, ms=timed(fn, 5) * 1e3)
-        ref = outs["atomic"]
-        for label, got in outs.items():
-            if label != "atomic":
-                diff = {name: rel_diff(x, y)
-                        for name, x, y in zip(("dq", "dkv", "dcomp", "dsink"), got, ref) if x is not None}
-                log(what="bwd_kernel_diff", heads=h, layer=kind, dkv=label, rel=diff)
-    sparse_attention_bwd.Config.window_dkv = "keys"
+        ref = next(iter(outs.values()))
+        for label, got in list(outs.items())[1:]:
+            diff = {name: rel_diff(x, y) for name, x, y in zip(("dq", "dkv", "dcomp", "dsink"), got, ref)
+                    if x is not None}
+            log(what="bwd_kernel_diff", heads=h, layer=kind, dkv=label, rel=diff)
+    conf.window_dkv, conf.pick_dkv = "keys", "gemm"
 
 
 # kernel -> variants {Config field: value}, each against the defaults ({}): one field at a time, then pairs

@@ -18,6 +18,10 @@
 #            per layer kind and training tok/s (fused_attention_ab.py --sections bwd,train; the entries' dK per
 #            key block lost 9x on CSA layers and was removed; the window's dKV per key block vs atomic adds
 #            remains)                                                                       (~7 min)
+#   attn     the sparse-attention, head-loss and fp32-GEMM tests on CUDA, then the Triton backward per layer
+#            kind and training tok/s with the CSA picks' dK by GEMMs vs atomic adds (fused_attention_ab.py
+#            --sections bwd,train)                                                          (~6 min)
+#   profile  the compiled + CUDA-graph b2x4096 step under torch.profiler (profile_step.py)  (~2 min)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
 #            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)
@@ -92,6 +96,16 @@ want optin && grep '^{' "$OUT/tf32.log" | cut -c1-240
 want optin && step attn_bwd 260 python3 benchmarks/fused_attention_ab.py --out "$OUT" --sections bwd,train \
     --bwd-heads 16 64 --budget-s 220
 want optin && grep '^{' "$OUT/attn_bwd.log" | cut -c1-240
+
+# 5c. the CSA picks' dK by GEMMs (sparse_attention_bwd.pick_dcomp) and the head loss's dW by one GEMM in place
+want attn && step tests_attn 240 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v --timeout 150 \
+    tests/test_sparse_attention.py tests/test_head_loss.py tests/test_fp32_linear.py
+want attn && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests_attn.log" | tail -40
+want attn && step attn_bwd 230 python3 benchmarks/fused_attention_ab.py --out "$OUT" --sections bwd,train \
+    --bwd-heads 16 64 --budget-s 200
+want attn && grep '^{' "$OUT/attn_bwd.log" | cut -c1-240
+want profile && step profile 200 python3 benchmarks/profile_step.py --out "$OUT" --what train_compiled_graph --batch 2
+want profile && head -3 "$OUT/profile_train_compiled_graph.txt"
 
 # 5b. fp32 and bf16 compiled blocks against eager, gradients per parameter
 want fp32 && step compile_check 280 python3 benchmarks/compile_check.py --seq 2048 --out "$OUT"

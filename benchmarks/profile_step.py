@@ -61,7 +61,7 @@ def profile_train(model, out: Path, b: int, s: int, compiled: bool = False, grap
     t = time.perf_counter()
     if compiled and model.layers[0]._compiled_call_impl is None:   # as `dsv4 train --compile` does (once)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for blk in model.layers:
+        for blk in list(model.layers) + list(model.mtp):   # the MTP block too, as `dsv4 train --compile` does
             blk.compile()
 
     from bench_gpu import make_loss                      # the loss of the README table's training rows

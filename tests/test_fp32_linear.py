@@ -58,3 +58,21 @@ def test_off_cuda_or_disabled_it_is_the_plain_fp32_product(monkeypatch):
         assert fl.usable(x.cuda(), w.bfloat16().cuda()) and not fl.usable(x.cuda(), w.cuda())   # fp32 weights
         monkeypatch.setattr(fl.Config, "enabled", False)
         assert not fl.usable(x.cuda(), w.bfloat16().cuda())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_addmm32_accumulates_in_place_in_fp32(device):
+    """acc ← beta·acc + a@b for bf16 a, b into an fp32 acc, in acc's own memory (the fused head loss's dW):
+    beta 1 adds to what is there, beta 0 ignores it (NaN included); fp32 precision against float64, where a
+    bf16 result added to acc would be ~1e-3 off."""
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(*s, generator=g).bfloat16().to(device) for s in ((192, 300), (300, 80)))
+    start = torch.randn(192, 80, generator=g).to(device)
+    ref = start.double() + a.double() @ b.double()
+    acc = start.clone()
+    out = fl.addmm32_(acc, a, b)
+    assert out.data_ptr() == acc.data_ptr() and acc.dtype == torch.float32
+    assert float((acc.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    acc = torch.full((192, 80), float("nan"), device=device)
+    fl.addmm32_(acc, a, b, beta=0.0)
+    assert float((acc.double() - a.double() @ b.double()).abs().max() / ref.abs().max()) < 1e-6

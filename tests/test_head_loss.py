@@ -15,17 +15,19 @@ def _data(T=37, D=12, V=50, seed=0):
     return torch.randn(T, D, generator=g), torch.randn(V, D, generator=g), torch.randint(0, V, (T,), generator=g)
 
 
+@pytest.mark.parametrize("linear", [False, True])
 @pytest.mark.parametrize("chunk", [5, 37, 100])
 @pytest.mark.parametrize("which", ["both", "x", "w"])
-def test_value_and_gradients_equal_full_logits(chunk, which):
+def test_value_and_gradients_equal_full_logits(chunk, which, linear):
     """Ragged / exact / single chunks; gradients for x, w or both (the other gets none); an upstream scale
-    (mean and weighting) reaches both gradients."""
+    (mean and weighting) reaches both gradients. linear: dW accumulated by a GEMM per chunk (fp32_linear.addmm32_)
+    instead of autograd's dW added up."""
     x, w, t = _data()
     x.requires_grad_(which in ("both", "x"))
     w.requires_grad_(which in ("both", "w"))
     ref = F.cross_entropy(_project(x, w), t, reduction="sum")
     ref_g = torch.autograd.grad(0.3 * ref / 37, [a for a in (x, w) if a.requires_grad])
-    got = head_cross_entropy(x, w, t, _project, chunk)
+    got = head_cross_entropy(x, w, t, _project, chunk, linear=linear)
     got_g = torch.autograd.grad(0.3 * got / 37, [a for a in (x, w) if a.requires_grad])
     assert abs(float(got - ref)) <= 1e-6 * float(ref)
     for a, r in zip(got_g, ref_g):
@@ -41,18 +43,19 @@ def test_without_gradients_only_the_loss():
     assert abs(float(got - F.cross_entropy(_project(x, w), t, reduction="sum"))) <= 1e-5
 
 
-@pytest.mark.parametrize("fp32_logits", [True, False])
-def test_under_bf16_autocast_gradients_follow_the_autocast_projection(fp32_logits):
+@pytest.mark.parametrize("fp32_logits,linear", [(True, False), (False, False), (False, True)])
+def test_under_bf16_autocast_gradients_follow_the_autocast_projection(fp32_logits, linear):
     """With autocast on, the chunks' projection and its backward run as an unchunked autocast projection
     would (bf16 GEMMs); gradients agree to bf16 rounding, in the parameters' own dtype. Logits the projection
-    returns in bf16 (the fp32 head form under autocast) still get an fp32 loss and softmax."""
+    returns in bf16 (the fp32 head form under autocast) still get an fp32 loss and softmax. linear: dW from
+    bf16 dz and x by the GEMM accumulating in fp32 (the model's head under `dsv4 train`'s autocast)."""
     x, w, t = _data(T=64, D=32, V=300, seed=2)
     x.requires_grad_()
     w.requires_grad_()
     proj = (lambda a, b: F.linear(a, b).float()) if fp32_logits else (lambda a, b: F.linear(a, b))  # noqa: E731
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = F.cross_entropy(proj(x, w).float(), t, reduction="sum")
-        got = head_cross_entropy(x, w, t, proj, 16)
+        got = head_cross_entropy(x, w, t, proj, 16, linear=linear)
     ref_g, got_g = torch.autograd.grad(ref, (x, w)), torch.autograd.grad(got, (x, w))
     assert abs(float(got - ref)) <= 1e-5 * float(ref)
     for a, r in zip(got_g, ref_g):

@@ -78,17 +78,21 @@ def test_fused_gradients_equal_reference(monkeypatch):
     assert any("attn_sink" in n for n in grads[0])
 
 
-@pytest.mark.parametrize("window_dkv,heads", [("keys", 4), ("atomic", 4), ("keys", 32), ("atomic", 32)])
-def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv, heads):
-    """The Triton backward (per token and group of 16 heads over exactly its keys, the compressed entries' dK
-    by atomic adds; the window's dKV per key block or by atomic adds) gives the reference path's gradients: every
-    parameter, sinks included. 4 heads fill part of one group; 32 heads are two groups, as V4's 64 / 128 heads
-    are several. (Groups are ≥ 16 heads: a Triton dot needs 16 rows; the interpreter would also take fewer, a GPU
-    compile does not.) On the CPU it runs under Triton's interpreter (fp32)."""
+@pytest.mark.parametrize("window_dkv,pick_dkv,heads", [("keys", "gemm", 4), ("atomic", "atomic", 4),
+                                                        ("keys", "atomic", 32), ("atomic", "gemm", 32)])
+def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv, pick_dkv, heads):
+    """The Triton backward (per token and group of 16 heads over exactly its keys; the CSA entries' dK by GEMMs
+    over the picks' coefficients or by atomic adds; the window's dKV per key block or by atomic adds) gives the
+    reference path's gradients: every parameter, sinks included. 4 heads fill part of one group; 32 heads are two
+    groups, as V4's 64 / 128 heads are several. (Groups are ≥ 16 heads: a Triton dot needs 16 rows; the
+    interpreter would also take fewer, a GPU compile does not.) On the CPU it runs under Triton's interpreter
+    (fp32)."""
     from dsv4.model import sparse_attention_bwd
     if not sparse_attention_bwd.available(torch.empty(1, 16, device=flex_anywhere)):
         pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
     monkeypatch.setattr(sparse_attention_bwd.Config, "window_dkv", window_dkv)
+    monkeypatch.setattr(sparse_attention_bwd.Config, "pick_dkv", pick_dkv)
+    monkeypatch.setattr(sparse_attention_bwd.Config, "gemm_chunk_elems", 1 << 12)   # several token chunks
     monkeypatch.setattr(Attention, "fused_training", True)
     monkeypatch.setattr(sparse_attention.Backward, "triton", True)
     monkeypatch.setattr(sparse_attention.Forward, "triton", False)      # (both Triton kernels: test below)
@@ -146,6 +150,29 @@ def test_cached_kernel_failure_falls_back_to_reference(monkeypatch):
     assert len(rec) == 1 and "shared memory" in sparse_attention.Unavailable.reason
 
 
+@pytest.mark.parametrize("chunk_elems", [1 << 27, 1000, 1])
+def test_pick_dcomp_sums_each_picks_contribution(chunk_elems, monkeypatch):
+    """pick_dcomp's dense GEMMs give each compressed entry Σ over the (token, pick) pairs that chose it of the
+    pick's coefficients times that token's q and dO rows (written out as loops here), with −1 picks ignored;
+    in one chunk, in chunks of 4 tokens and of one token."""
+    from dsv4.model import sparse_attention_bwd as sab
+    monkeypatch.setattr(sab.Config, "gemm_chunk_elems", chunk_elems)
+    g = torch.Generator().manual_seed(0)
+    b, L, k, H, d, ratio = 2, 70, 5, 3, 8, 4
+    sel = torch.full((b, L, k), -1)
+    for i in range(b):
+        for t in range(L):
+            m = min(k, (t + 1) // ratio)
+            sel[i, t, :m] = torch.randperm((t + 1) // ratio, generator=g)[:m]
+    coef, q, do = (torch.randn(*shape, generator=g) for shape in ((b, L, k, 2 * H), (b, L, H, d), (b, L, H, d)))
+    ref = torch.zeros(b, L // ratio, d)
+    for i, t, j in sel.ge(0).nonzero().tolist():
+        ref[i, sel[i, t, j]] += coef[i, t, j, :H] @ q[i, t] + coef[i, t, j, H:] @ do[i, t]
+    got = sab.pick_dcomp(coef, sel, q, do, L // ratio, ratio)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert (ref.abs().sum(-1) > 0).float().mean() > 0.9 and (sel == -1).any()   # most entries picked; some empty
+
+
 @pytest.mark.skipif(not triton_compiler(), reason="needs Triton's compiler (not its interpreter)")
 @pytest.mark.parametrize("heads", [16, 64, 128])
 def test_triton_backward_fits_hopper_at_v4_head_counts(heads):
@@ -153,13 +180,13 @@ def test_triton_backward_fits_hopper_at_v4_head_counts(heads):
     227 KB of shared memory per program (holding all 64 heads of a token at once needed ~290 KB)."""
     from dsv4.model import sparse_attention_bwd as sab
     ptr = {n: "bf16" for n in ("Q", "KV", "COMP", "O", "DO", "DQ")}
-    ptr.update({n: "fp32" for n in ("LSE", "SINK", "DKV", "DCOMP", "DSINK", "DELTA")}, SEL="i32")
+    ptr.update({n: "fp32" for n in ("LSE", "SINK", "DKV", "DCOMP", "DSINK", "DELTA")}, SEL="i32", COEF="bf16")
     common = {"H": heads, "HG": sab.Config.head_group, "D": 512, "IEEE": False}
     for mode in (0, 1, 2):                        # window only, HCA entries, CSA picks
-        for window_dkv in (False, True):
+        for window_dkv, pick_coef in ((False, mode == 2), (True, False)):
             shared = compile_for_hopper(sab._bwd_kernel, {**common, "BN": sab.walk_block(mode), "MODE": mode,
-                                                          "WINDOW_DKV": window_dkv}, ptr, floats=("scale",),
-                                        num_warps=sab.Config.warps)
+                                                          "WINDOW_DKV": window_dkv, "PICK_COEF": pick_coef},
+                                        ptr, floats=("scale",), num_warps=sab.Config.warps)
             assert shared <= 227 * 1024, (mode, window_dkv, shared)
     shared = compile_for_hopper(sab._dkv_window_kernel, {**common, "BK": sab.Config.key_block,
                                                          "TB": sab.Config.token_block}, ptr, floats=("scale",),

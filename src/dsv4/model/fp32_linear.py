@@ -37,18 +37,28 @@ def _pieces(a: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """bf16 a [M, K] @ bf16 b [K, N] -> fp32 [M, N], accumulated in fp32 (exact products)."""
-    if a.is_cuda:
+def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] -> fp32 [M, N], accumulated in fp32: bf16 operands on CUDA by the fp32-output bf16
+    GEMM (exact products), anything else as an fp32 GEMM (CPU and tests: the same exact products)."""
+    if a.is_cuda and a.dtype == b.dtype == torch.bfloat16 and hasattr(torch.ops.aten.mm, "dtype"):
         return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())            # (CPU and tests: the same exact products)
+    return torch.mm(a.float(), b.float())
+
+
+def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """acc (fp32) ← beta · acc + a @ b, accumulated in fp32 in acc's own memory: a bf16 GEMM with an fp32 C on
+    CUDA (no [M, N] temporary and no separate addition), an fp32 GEMM for anything else. beta 0 ignores acc's
+    contents (torch.empty is fine)."""
+    if a.is_cuda and a.dtype == b.dtype == torch.bfloat16 and hasattr(torch.ops.aten.addmm, "dtype"):
+        return torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+    return acc.addmm_(a.float(), b.float(), beta=beta)
 
 
 def _split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in fp32 precision, a fp32 (split into bf16 pieces) or bf16, b bf16."""
     total = None
     for piece in _pieces(a):
-        y = _mm32(piece, b)
+        y = mm32(piece, b)
         total = y if total is None else total.add_(y)
     return total
 

@@ -10,8 +10,9 @@ softmax weights (sink included in the denominator, LSE saved by the forward) and
 
 Two kernels. `_bwd_kernel`: one program per token and group of 16 heads (the heads share every key: MQA; 16
 rows × head_dim 512 tiles fit in shared memory at any head count) walks exactly the keys that token sees — its window band, then its CSA picks (gathered one by one) or its visible HCA
-entries — for dq, dsink and D; the compressed entries' dk go to an fp32 buffer by atomic adds (a token's picks
-are its own). `_dkv_window_kernel`: one program per block of raw keys loops over the tokens whose window holds
+entries — for dq, dsink and D; the HCA entries' dk go to an fp32 buffer by atomic adds, the CSA entries' dk
+are written as each pick's coefficients (scale·dS and p per head) and summed by GEMMs (`pick_dcomp`; the
+atomic adds of the first version remain as Config.pick_dkv = 'atomic'). `_dkv_window_kernel`: one program per block of raw keys loops over the tokens whose window holds
 them (a band) and writes their dk once, without atomics (window_dkv='atomic' instead adds them from the first
 kernel, the first version: 2.8× slower on window layers). The forward is sparse_attention_fwd.py's. The same
 walk per block of compressed entries (every token that sees them, or a membership table of the CSA picks) was
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import indexer_kernel
+from .fp32_linear import mm32
 from .indexer_kernel import triton
 
 if triton is not None:
@@ -59,13 +61,15 @@ if triton is not None:
         return _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale + _dot(tl.trans(p.to(do.dtype)), do, IEEE)
 
     @triton.jit
-    def _bwd_kernel(Q, KV, COMP, SEL, O, DO, LSE, SINK, DQ, DKV, DCOMP, DSINK, DELTA,
+    def _bwd_kernel(Q, KV, COMP, SEL, O, DO, LSE, SINK, DQ, DKV, DCOMP, DSINK, DELTA, COEF,
                     L, window, ratio, n_sel, scale,
                     sq_b, sq_t, sq_h, skv_b, skv_t, sc_b, sc_n, ss_b, ss_t, sl_b, sl_t,
                     H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
-                    WINDOW_DKV: tl.constexpr, IEEE: tl.constexpr):
+                    WINDOW_DKV: tl.constexpr, PICK_COEF: tl.constexpr, IEEE: tl.constexpr):
         """One token, one group of HG heads: dq over its window band then its compressed entries; dcomp by
-        atomic adds; the window's dkv by atomic adds only if WINDOW_DKV (otherwise _dkv_window_kernel)."""
+        atomic adds, or with PICK_COEF (CSA) each pick's coefficients scale·dS and p written to COEF [b, L, k, 2H]
+        for pick_dcomp's GEMMs; the window's dkv by atomic adds only if WINDOW_DKV (otherwise
+        _dkv_window_kernel)."""
         t, b = tl.program_id(0), tl.program_id(1)
         heads = tl.program_id(2) * HG + tl.arange(0, HG)
         hm = heads < H
@@ -98,8 +102,14 @@ if triton is not None:
                 k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
                 p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & hm[:, None], scale, IEEE)
                 dq += _dot(ds.to(k.dtype), k, IEEE)
-                tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], _dk(q, do, p, ds, scale, IEEE),
-                              mask=ok[:, None])
+                if PICK_COEF:                                         # [HG, BN] -> COEF[b, t, start+j, (0|H)+h]
+                    cf = COEF + ((b * L + t) * n_sel + start + tl.arange(0, BN))[None, :] * (2 * H) + heads[:, None]
+                    cm = ok[None, :] & hm[:, None]
+                    tl.store(cf, (ds * scale).to(COEF.dtype.element_ty), mask=cm)
+                    tl.store(cf + H, p.to(COEF.dtype.element_ty), mask=cm)
+                else:
+                    tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :],
+                                  _dk(q, do, p, ds, scale, IEEE), mask=ok[:, None])
         tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=hm[:, None])
         sink = tl.load(SINK + heads, mask=hm, other=0.)
         p_sink = tl.exp(sink - lse)
@@ -141,8 +151,13 @@ if triton is not None:
 
 class Config:
     """window_dkv: 'keys' = the window band's dkv by _dkv_window_kernel (per key block, no atomics); 'atomic' =
-    by atomic adds from the per-token kernel (the first version; kept for A/B runs)."""
+    by atomic adds from the per-token kernel (the first version; kept for A/B runs). pick_dkv: the CSA entries'
+    dk by 'gemm' (pick_dcomp, up to gemm_max_entries entries) or 'atomic' (the per-token kernel's atomic adds,
+    the first version, and the form past that length: its cost is linear in the length, the GEMMs' quadratic)."""
     window_dkv = "keys"
+    pick_dkv = "gemm"
+    gemm_max_entries = 4096   # compressed entries (CSA: 16K tokens) up to which pick_dkv='gemm' applies
+    gemm_chunk_elems = 1 << 27  # elements of one chunk's dense pick matrix (256 MB in bf16)
     key_block = 32            # keys per _dkv_window_kernel program
     token_block = 2           # tokens per step of its loop (× head_group = rows of its dots)
     walk_block = 32           # keys per step of _bwd_kernel's walk (window band, then entries) …
@@ -180,6 +195,42 @@ def key_layout(q: torch.Tensor, raw: torch.Tensor, comp: torch.Tensor | None, se
     return mode, comp_c, sel_c
 
 
+def pick_dcomp(coef: torch.Tensor, sel: torch.Tensor, q: torch.Tensor, do: torch.Tensor, n_entries: int,
+               ratio: int) -> torch.Tensor:
+    """The CSA entries' dk from each pick's coefficients, by GEMMs instead of atomic adds:
+
+        dcomp[c] = Σ over tokens t that picked c (pick i) of Σ_h coef[t,i,h] · q[t,h] + coef[t,i,H+h] · dO[t,h]
+
+    coef [b,L,k,2H] (scale·dS, then p, per head; written by _bwd_kernel with PICK_COEF), sel [b,L,k] (−1 = none;
+    the indexer picks only entries a token sees, j < (t+1)//ratio), q/do [b,L,H,d] -> dcomp [b, n_entries, d]
+    fp32. Per chunk of tokens the coefficients are scattered into a dense matrix [entries the chunk sees,
+    (token, head)] — zero where a token did not pick the entry; 'no pick' goes to a spare row, dropped — and
+    multiplied by the chunk's q and dO on tensor cores (bf16 in, fp32 out). The dense product does n_c / k
+    times the useful multiply-adds (n_c the entries the chunk sees, k the picks per token: 1–4× on the bench
+    config, k = 256 at 4096 tokens), cheap on tensor cores next to the atomic adds it replaces (2 KB per pick,
+    ~1G fp32 adds per CSA layer at b2×4096); the excess grows with the length, hence Config.gemm_max_entries."""
+    b, L, k, h2 = coef.shape
+    h, d = h2 // 2, q.shape[-1]
+    dcomp = torch.zeros(b, n_entries, d, dtype=torch.float32, device=q.device)
+    step = Config.gemm_chunk_elems // max(1, b * (n_entries + 1) * h2)
+    step = 1 << max(0, step.bit_length() - 1)                   # a power of two: equal chunks at 2^n tokens
+    bi = torch.arange(b, device=q.device)[:, None, None]
+    for t0 in range(0, L, step):
+        t1 = min(L, t0 + step)
+        n_c = min(n_entries, t1 // ratio)                       # entries the chunk's last token sees
+        if n_c == 0:
+            continue
+        s = sel[:, t0:t1]                                                         # [b, tc, k]
+        rows = torch.where((s >= 0) & (s < n_c), s, n_c).long()                  # n_c: the spare row
+        ti = torch.arange(t1 - t0, device=q.device)[None, :, None]
+        dense = coef.new_zeros(b, n_c + 1, 2, t1 - t0, h)                        # [b, entry, (dS|p), t, h]
+        dense[bi, rows, :, ti] = coef[:, t0:t1].unflatten(-1, (2, h))            # [b, tc, k] + [2, h]
+        for i in range(b):
+            for part, x in enumerate((q, do)):
+                dcomp[i, :n_c] += mm32(dense[i, :n_c, part].flatten(1), x[i, t0:t1].flatten(0, 1))
+    return dcomp
+
+
 def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     """Gradients of the sparse MQA: q/o/do [b,L,h,d] (o: the forward's output), kv [b,L,d], comp [b,N,d] or None, sel [b,L,k] or None,
     lse [b,L,h] fp32 (sink in the denominator), sink [h] -> dq (q's dtype), dkv, dcomp (fp32), dsink [h]."""
@@ -190,16 +241,19 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     dq = torch.empty_like(q)
     by_keys = Config.window_dkv == "keys"
     dkv = (torch.empty if by_keys else torch.zeros)(b, L, d, dtype=torch.float32, device=q.device)
-    dcomp = torch.zeros(comp_c.shape, dtype=torch.float32, device=q.device) if mode else dkv
+    pick_gemm = mode == 2 and Config.pick_dkv == "gemm" and comp_c.shape[1] <= Config.gemm_max_entries
+    dcomp = torch.zeros(comp_c.shape, dtype=torch.float32, device=q.device) if mode and not pick_gemm else dkv
+    coef = q.new_empty(b, L, sel_c.shape[-1], 2 * h) if pick_gemm else dkv      # (dkv: a placeholder pointer)
     dsink = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
     delta = torch.empty(b, L, h, dtype=torch.float32, device=q.device)          # D_h per token, for both kernels
     HG, ieee = Config.head_group, q.dtype == torch.float32
     _bwd_kernel[(L, b, triton.cdiv(h, HG))](
-        q, kv, comp_c, sel_c, o, do, lse, sink.float().contiguous(), dq, dkv, dcomp, dsink, delta,
+        q, kv, comp_c, sel_c, o, do, lse, sink.float().contiguous(), dq, dkv, dcomp, dsink, delta, coef,
         L, window, ratio, sel_c.shape[-1], d ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
         comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
-        H=h, HG=HG, D=d, BN=walk_block(mode), MODE=mode, WINDOW_DKV=not by_keys, IEEE=ieee,
+        H=h, HG=HG, D=d, BN=walk_block(mode), MODE=mode, WINDOW_DKV=not by_keys, PICK_COEF=pick_gemm,
+        IEEE=ieee,
         num_warps=Config.warps)
     if by_keys:
         BK = Config.key_block
@@ -208,4 +262,6 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
                                                     lse.stride(0), lse.stride(1), H=h, HG=HG, D=d, BK=BK,
                                                     TB=Config.token_block, IEEE=ieee,
                                                     num_warps=Config.window_warps)
+    if pick_gemm:
+        dcomp = pick_dcomp(coef, sel_c, q, do, comp_c.shape[1], ratio)
     return dq, dkv, (dcomp if mode else None), dsink.sum((0, 1))

@@ -135,7 +135,8 @@ class Transformer(nn.Module):
         per 8K-token batch unchunked), and in training each chunk's gradients are taken in the forward, so none
         are kept or recomputed. Same value and gradients as cross_entropy(logits) up to summation order."""
         t = targets.flatten()
-        return head_cross_entropy(x.flatten(0, 1), self.head.weight, t, self._native_logits, self.loss_chunk) / t.numel()
+        return head_cross_entropy(x.flatten(0, 1), self.head.weight, t, self._native_logits, self.loss_chunk,
+                                  linear=True) / t.numel()
 
     def _native_logits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self._project(x, w, upcast=False)
