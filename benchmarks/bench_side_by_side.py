@@ -134,15 +134,18 @@ def table(args) -> int:
             f"dsv4 commit {commit} · config benchmarks/bench_small.json ({env['params']['total'] / 1e9:.2f}B "
             f"params, {env['params']['active'] / 1e6:.0f}M active), bf16, random weights · "
             f"bf16 matmul peak measured {env['bf16_peak_tflops']:.0f} TFLOP/s\n\n"
-            "| metric | size | dsv4 | transformers | speedup | note |\n|---|---|---|---|---|---|\n")
+            + (f"{args.note}\n\n" if args.note else "")
+            + "| metric | size | dsv4 | transformers | speedup | note |\n|---|---|---|---|---|---|\n")
     def line(r):
         speed = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
         a, b = r["dsv4"], r["transformers"]
         return (f"| {r['metric']} | {r['size']} | {_fmt(a, 1 if a and a < 100 else 0)} | "
                 f"{_fmt(b, 1 if b and b < 100 else 0)} | {speed} | {r['note']} |")
     body = "\n".join(line(r) for r in rows)
-    foot = ("\n\nUnits: tokens/s. Produced by `benchmarks/bench_side_by_side.py` (one device run: dsv4 then "
-            "transformers, each in its own process); raw numbers in side_by_side.json.\n")
+    runs = ("one device run: dsv4 then transformers, each in its own process" if len(args.dsv4) == 1 else
+            f"dsv4's rows from {len(args.dsv4)} device runs, the first with transformers in the same run")
+    foot = (f"\n\nUnits: tokens/s. Produced by `benchmarks/bench_side_by_side.py` ({runs}); raw numbers in "
+            "side_by_side.json.\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "side_by_side.md").write_text(head + body + foot)
@@ -164,11 +167,12 @@ def main() -> int:
     r.add_argument("--hf-timeout", type=int, default=240)
     t = sub.add_parser("table")
     t.add_argument("--dsv4", required=True, nargs="+",
-                   help="dsv4_gpu.json of one run, or of several runs of the same commit (e.g. training and "
-                        "inference in two device calls); where two have the same row, the first file's is used")
+                   help="dsv4_gpu.json of one run, or of several runs (e.g. training and inference in two device "
+                        "calls; say which in --note); where two have the same row, the first file's is used")
     t.add_argument("--hf", required=True)
     t.add_argument("--out", default=str(HERE / "results"))
     t.add_argument("--commit", help="the commit the numbers were measured at (default: the checked-out HEAD)")
+    t.add_argument("--note", help="a line printed under the header (e.g. which rows come from which run)")
     args = ap.parse_args()
     return run(args) if args.cmd == "run" else table(args)
 
