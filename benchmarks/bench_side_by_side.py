@@ -2,7 +2,7 @@
 
     python benchmarks/bench_side_by_side.py run --out DIR [--dsv4-timeout 330] [--hf-timeout 240]
     python benchmarks/bench_side_by_side.py table --dsv4 DIR/dsv4_gpu.json [DIR2/dsv4_gpu.json] --hf DIR/hf.jsonl \
-        --out benchmarks/results
+        [DIR2/hf.jsonl] --out benchmarks/results
 
 `run` measures both in one go, each in its own subprocess (an HF out-of-memory or crash cannot take the dsv4
 numbers with it): benchmarks/bench_gpu.py (train, decode, prefill) then benchmarks/hf_baseline.py, whose JSON
@@ -67,8 +67,17 @@ def _fmt(v, digits=0):
 
 
 def table(args) -> int:
-    ours = [r for path in args.dsv4 for r in json.loads(Path(path).read_text())]   # several runs: first wins
-    hf = [json.loads(line) for line in Path(args.hf).read_text().splitlines() if line.strip()]
+    if len(args.hf) not in (1, len(args.dsv4)):
+        raise SystemExit(f"--hf: one file, or one per --dsv4 file ({len(args.dsv4)}), not {len(args.hf)}")
+    # several runs: the first that has a row wins; each row's transformers number comes from the same run's
+    # hf.jsonl where one is given per run (rows tagged with their run's index)
+    ours = [dict(r, _run=i) for i, path in enumerate(args.dsv4) for r in json.loads(Path(path).read_text())]
+    hf_runs = [[json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()] for p in args.hf]
+    hf = hf_runs[0]
+
+    def hf_for(a) -> list:
+        """transformers' records of the run that measured dsv4's row a (the first hf file if one, or no row)."""
+        return hf_runs[a["_run"]] if a and len(hf_runs) > 1 else hf
     env = next(r for r in ours if r["what"] == "env")
     hf_env = {}
     for r in hf:
@@ -98,7 +107,7 @@ def table(args) -> int:
     for (impl, recipe), bsz in ((row, b) for row in train_rows for b in (1, 2)):
         a = next((r for r in ours if r["what"] == "train" and bool(r.get("mtp")) == recipe and r["batch"] == bsz
                   and r.get("impl") == impl and not r.get("oom")), None)
-        b = None if recipe else next((r for r in hf if r["what"] == "train" and r.get("bsz") == bsz), None)
+        b = None if recipe else next((r for r in hf_for(a) if r["what"] == "train" and r.get("bsz") == bsz), None)
         if a is None and impl != "eager":
             continue
         add("train fwd+bwd" + (f" ({impl})" if impl != "eager" else ""), f"b{bsz}x4096",
@@ -110,7 +119,7 @@ def table(args) -> int:
     seqs = sorted({r["seq"] for r in ours + hf if r["what"] == "prefill"})
     for s in seqs:
         a = next((r for r in ours if r["what"] == "prefill" and r["seq"] == s), None)
-        b = next((r for r in hf if r["what"] == "prefill" and r["seq"] == s), None)
+        b = next((r for r in hf_for(a) if r["what"] == "prefill" and r["seq"] == s), None)
         note = []
         if a:
             note.append("dsv4 OOM" if a.get("oom") else f"dsv4 {a['peak_gib']:.1f} GiB ({a['mode']})")
@@ -118,11 +127,11 @@ def table(args) -> int:
             note.append("HF OOM" if b.get("oom") else f"HF {b['peak_gib']:.1f} GiB")
         else:
             note.append("HF not run (stopped at its first OOM)" if any(r["what"] == "prefill" and r.get("oom")
-                                                                       for r in hf) else "HF not run")
+                                                                       for r in hf_for(a)) else "HF not run")
         add("prefill", f"{s:,}", a and a.get("tok_s"), b and b.get("tok_s"), note="; ".join(note))
-    hf_dec = next((r for r in hf if r["what"] == "decode" and "tok_s" in r), None)
     for r in ours:
         if r["what"] == "decode" and not r.get("oom"):
+            hf_dec = next((x for x in hf_for(r) if x["what"] == "decode" and "tok_s" in x), None)
             label = ("decode (compiled step, CUDA graph)" if r.get("compiled") else
                      "decode (CUDA graph)" if r.get("cuda_graph", True) else "decode (reference path, no graph)")
             b = hf_dec["tok_s"] if hf_dec and r["batch"] == 1 else None
@@ -143,6 +152,8 @@ def table(args) -> int:
                 f"{_fmt(b, 1 if b and b < 100 else 0)} | {speed} | {r['note']} |")
     body = "\n".join(line(r) for r in rows)
     runs = ("one device run: dsv4 then transformers, each in its own process" if len(args.dsv4) == 1 else
+            f"{len(args.dsv4)} device runs, each row's dsv4 and transformers numbers from the same run"
+            if len(args.hf) > 1 else
             f"dsv4's rows from {len(args.dsv4)} device runs, the first with transformers in the same run")
     foot = (f"\n\nUnits: tokens/s. Produced by `benchmarks/bench_side_by_side.py` ({runs}); raw numbers in "
             "side_by_side.json.\n")
@@ -151,7 +162,8 @@ def table(args) -> int:
     (out / "side_by_side.md").write_text(head + body + foot)
     (out / "side_by_side.json").write_text(json.dumps(
         {"date": date, "gpu": env["gpu"], "torch": env["torch"], "transformers": hf_env.get("transformers"),
-         "commit": commit, "rows": rows, "dsv4_raw": ours, "transformers_raw": hf}, indent=1))
+         "commit": commit, "rows": rows, "dsv4_raw": ours,
+         "transformers_raw": hf if len(hf_runs) == 1 else hf_runs}, indent=1))
     print(head + body)
     return 0
 
@@ -169,7 +181,9 @@ def main() -> int:
     t.add_argument("--dsv4", required=True, nargs="+",
                    help="dsv4_gpu.json of one run, or of several runs (e.g. training and inference in two device "
                         "calls; say which in --note); where two have the same row, the first file's is used")
-    t.add_argument("--hf", required=True)
+    t.add_argument("--hf", required=True, nargs="+",
+                   help="hf.jsonl of the run, or one per --dsv4 file (in the same order): each row's transformers "
+                        "number then comes from the run that measured dsv4's")
     t.add_argument("--out", default=str(HERE / "results"))
     t.add_argument("--commit", help="the commit the numbers were measured at (default: the checked-out HEAD)")
     t.add_argument("--note", help="a line printed under the header (e.g. which rows come from which run)")

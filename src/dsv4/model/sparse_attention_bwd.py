@@ -12,7 +12,8 @@ Two kernels. `_bwd_kernel`: one program per token and group of 16 heads (the hea
 rows × head_dim 512 tiles fit in shared memory at any head count) walks exactly the keys that token sees — its window band, then its CSA picks (gathered one by one) or its visible HCA
 entries — for dq, dsink and D; the HCA entries' dk go to an fp32 buffer by atomic adds, the CSA entries' dk
 are written as each pick's coefficients (scale·dS and p per head) and summed by GEMMs (`pick_dcomp`; the
-atomic adds of the first version remain as Config.pick_dkv = 'atomic'). `_dkv_window_kernel`: one program per block of raw keys loops over the tokens whose window holds
+atomic adds of the first version remain as Config.pick_dkv = 'atomic'; H100, b2×4096: a CSA layer's backward
+6.1 → 3.3 ms at 16 heads, 22.3 → 11.5 ms at 64). `_dkv_window_kernel`: one program per block of raw keys loops over the tokens whose window holds
 them (a band) and writes their dk once, without atomics (window_dkv='atomic' instead adds them from the first
 kernel, the first version: 2.8× slower on window layers). The forward is sparse_attention_fwd.py's. The same
 walk per block of compressed entries (every token that sees them, or a membership table of the CSA picks) was
