@@ -52,7 +52,7 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 # 1. CUDA-only tests of the newest code (per-test limit: a hang fails that test, not the call)
 want tests && step tests 300 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v --timeout 150 \
     tests/test_hc_mix_kernel.py tests/test_graphed.py tests/test_indexer_loss.py tests/test_head_loss.py \
-    tests/test_fp32_linear.py \
+    tests/test_fp32_linear.py tests/test_fast_paths.py::test_fused_mhc_alternating_lengths_and_grad_modes_equals_eager \
     "tests/test_sparse_attention.py::test_triton_backward_equals_reference" \
     tests/test_sparse_attention.py::test_without_the_triton_backward_gradients_still_flow \
     tests/test_train.py::test_cuda_graph_training_follows_eager_training \

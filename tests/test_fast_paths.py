@@ -70,6 +70,34 @@ def test_compiled_mhc_equals_eager():
         assert float((a - r).norm()) <= 1e-4 * float(r.norm())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mHC functions are compiled on CUDA only")
+def test_fused_mhc_alternating_lengths_and_grad_modes_equals_eager():
+    """What a `dsv4 train` step asks of the CUDA-compiled mHC functions (`fused`: static graphs under autograd,
+    dynamic ones without): lengths L and L−1 (blocks, then MTP on a slice of the streams), a no-grad pass in
+    between (evaluation), and again — values and gradients equal the eager functions' each time."""
+    from dsv4.model.mhc import hc_expand, hc_expand_fast, hc_head, hc_head_fast, hc_pre, hc_pre_fast
+    g = torch.Generator().manual_seed(4)
+    b, L, n, D = 2, 64, 4, 32
+    fn = (torch.randn((2 + n) * n, n * D, generator=g) * 0.1).cuda().requires_grad_()
+    base, scale = torch.randn((2 + n) * n, generator=g).cuda().requires_grad_(), torch.rand(3, generator=g).cuda()
+    head_fn, head_base = (torch.randn(n, n * D, generator=g) * 0.1).cuda(), torch.randn(n, generator=g).cuda()
+    streams = torch.randn(b, L, n, D, generator=g).cuda()
+
+    def run(pre, expand, head, h):
+        x, post, comb = pre(h, fn, base, scale, 20, 1e-6, 1e-6, "mhc")
+        out = head(expand(x.tanh(), h, post, comb), head_fn, head_base, scale[:1], 1e-6, 1e-6)
+        return out, (torch.autograd.grad(out.square().sum(), (fn, base)) if torch.is_grad_enabled() else ())
+
+    for _ in range(2):
+        for h, grad in ((streams, True), (streams[:, :-1], True), (streams[:, 5:], False)):
+            with torch.set_grad_enabled(grad):
+                ref, ref_g = run(hc_pre, hc_expand, hc_head, h)
+                out, out_g = run(hc_pre_fast, hc_expand_fast, hc_head_fast, h)
+            assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), h.shape
+            for a, r in zip(out_g, ref_g):
+                assert float((a - r).norm()) <= 1e-4 * float(r.norm()), h.shape
+
+
 @pytest.mark.parametrize("t0", [0, 5, 37, 300])
 def test_indexer_scores_only_visible_entries(t0):
     """Scoring only the entries a sub-chunk's last query can see (t0 given) selects what scoring all of them

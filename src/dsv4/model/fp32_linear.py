@@ -12,8 +12,9 @@ Forward: y = x · wᵀ. Backward: dW = gᵀ · x, dx = g · w (g split). Used on
 weights (bf16 models, the official checkpoints) where torch has the fp32-output bf16 GEMM; elsewhere, and for
 fp32 master weights (`dsv4 train`), the plain fp32 product. (fp32 weights split the same way ran in `dsv4 train
 --cuda-graph` on the H100 together with GraphedStep(accumulate=False), and a compiled mHC backward then got a
-strided gradient at the second step; either change alone ran 40 steps. Not investigated: fp32 weights stay on
-the fp32 GEMMs.)
+strided gradient at the second step; either change alone ran 40 steps. fp32 weights stay on the fp32 GEMMs.
+The same assertion came back at stop 21 without them, both times in a dynamic-shape mHC graph, which training
+no longer compiles: see `mhc.fused`.)
 """
 from __future__ import annotations
 
@@ -37,10 +38,16 @@ def _pieces(a: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _fp32_out_gemm(a: torch.Tensor, b: torch.Tensor, op) -> bool:
+    """bf16 a and b on CUDA, and a torch whose `op` has the fp32-output form of the bf16 GEMM (aten::mm.dtype,
+    aten::addmm.dtype: torch ≥ 2.8)."""
+    return a.is_cuda and a.dtype == b.dtype == torch.bfloat16 and hasattr(op, "dtype")
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] @ b [K, N] -> fp32 [M, N], accumulated in fp32: bf16 operands on CUDA by the fp32-output bf16
     GEMM (exact products), anything else as an fp32 GEMM (CPU and tests: the same exact products)."""
-    if a.is_cuda and a.dtype == b.dtype == torch.bfloat16 and hasattr(torch.ops.aten.mm, "dtype"):
+    if _fp32_out_gemm(a, b, torch.ops.aten.mm):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
 
@@ -49,7 +56,7 @@ def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 
     """acc (fp32) ← beta · acc + a @ b, accumulated in fp32 in acc's own memory: a bf16 GEMM with an fp32 C on
     CUDA (no [M, N] temporary and no separate addition), an fp32 GEMM for anything else. beta 0 ignores acc's
     contents (torch.empty is fine)."""
-    if a.is_cuda and a.dtype == b.dtype == torch.bfloat16 and hasattr(torch.ops.aten.addmm, "dtype"):
+    if _fp32_out_gemm(a, b, torch.ops.aten.addmm):
         return torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
     return acc.addmm_(a.float(), b.float(), beta=beta)
 
@@ -58,8 +65,7 @@ def _split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in fp32 precision, a fp32 (split into bf16 pieces) or bf16, b bf16."""
     total = None
     for piece in _pieces(a):
-        y = mm32(piece, b)
-        total = y if total is None else total.add_(y)
+        total = _mm32(piece, b) if total is None else addmm32_(total, piece, b)
     return total
 
 
@@ -84,8 +90,7 @@ class _Fp32Linear(torch.autograd.Function):
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """The tensor-core form applies: CUDA, bf16 activations and weights, and a torch with the fp32-output bf16
     GEMM (aten::mm.dtype, torch ≥ 2.8)."""
-    return (Config.enabled and x.is_cuda and x.dtype == w.dtype == torch.bfloat16
-            and hasattr(torch.ops.aten.mm, "dtype"))
+    return Config.enabled and _fp32_out_gemm(x, w, torch.ops.aten.mm)
 
 
 def fp32_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -99,20 +99,27 @@ class Fusion:
 
 
 def fused(fn: Callable) -> Callable:
-    compiled = None
+    """fn, compiled on CUDA: with static shapes where autograd records (training sees a handful of shapes: each
+    sequence length L for the blocks and L−1 for MTP), with dynamic shapes otherwise (prefill at any prompt
+    length, decode). Why not dynamic in training too: on an H100 `dsv4 train --cuda-graph` failed at its
+    second step inside the backward of a dynamic-shape mHC graph, which asserted a stride of 8·s for a
+    [8, s, 4] tensor whose stride was 8192 (s = 1023, MTP's length, in a length-1024 layout) — the same
+    assertion at stop 18 (0834e19) and stop 21 (c994e67), each time in some runs and not in others. Static
+    graphs have no symbolic strides: a tensor of another layout fails a guard and compiles anew instead."""
+    compiled: dict[bool, Callable] = {}
 
     def run(*args, **kwargs):
-        nonlocal compiled
         if Fusion.enabled and args[0].is_cuda and not torch.compiler.is_compiling():
-            if compiled is None:
+            grad = torch.is_grad_enabled()
+            if grad not in compiled:
                 # one graph per (grad mode, shape family): training, no-grad prefill at several lengths and
                 # decode at several batches exceed dynamo's default of 8 and would silently fall back to eager
                 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-                compiled = torch.compile(fn, dynamic=None)
-            return compiled(*args, **kwargs)
+                compiled[grad] = torch.compile(fn, dynamic=False if grad else None)
+            return compiled[grad](*args, **kwargs)
         return fn(*args, **kwargs)
     run.__name__ = run.__qualname__ = f"fused_{fn.__name__}"
-    run.__doc__ = f"{fn.__name__}, compiled on CUDA (see Fusion)."
+    run.__doc__ = f"{fn.__name__}, compiled on CUDA (see Fusion and fused)."
     return run
 
 

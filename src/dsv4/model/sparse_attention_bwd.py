@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import indexer_kernel
-from .fp32_linear import mm32
+from .fp32_linear import addmm32_
 from .indexer_kernel import triton
 
 if triton is not None:
@@ -228,7 +228,7 @@ def pick_dcomp(coef: torch.Tensor, sel: torch.Tensor, q: torch.Tensor, do: torch
         dense[bi, rows, :, ti] = coef[:, t0:t1].unflatten(-1, (2, h))            # [b, tc, k] + [2, h]
         for i in range(b):
             for part, x in enumerate((q, do)):
-                dcomp[i, :n_c] += mm32(dense[i, :n_c, part].flatten(1), x[i, t0:t1].flatten(0, 1))
+                addmm32_(dcomp[i, :n_c], dense[i, :n_c, part].flatten(1), x[i, t0:t1].flatten(0, 1))
     return dcomp
 
 
