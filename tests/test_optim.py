@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dsv4.train.optim import build_optimizer, newton_schulz, param_kind
-from conftest import random_tiny
+from conftest import leave_gloo_worker, random_tiny
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64), (64, 64), (4, 48, 96)])
@@ -157,8 +157,7 @@ def _fsdp_worker(rank, world, init_file, out_file):
     local_rows = sd["state"]["0.weight"]["momentum"].shape[0]
     if rank == 0:
         torch.save({"params": full, "rows": local_rows}, out_file)
-    dist.barrier()          # no rank tears gloo down while the other still talks (seen once: SIGABRT at exit)
-    dist.destroy_process_group()
+    leave_gloo_worker()
 
 
 def test_muon_on_fsdp2_dtensors_matches_single_process():

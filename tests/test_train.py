@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from dsv4.model import MoE
 from dsv4.train.recipe import AnticipatoryRouting, SpikeDetector, compute_loss, update_gate_biases
 from dsv4.train.trainer import TrainConfig, TrainError, Trainer, _device
-from conftest import random_tiny
+from conftest import leave_gloo_worker, random_tiny
 
 
 @pytest.fixture(scope="module")
@@ -325,9 +325,10 @@ def _dist_worker(rank, world, init_file, out, data_dir, result):
         again = r.fit()
         if rank == 0:
             torch.save({"hist": hist, "again": again}, result)
-        dist.barrier()      # as in test_optim: no rank tears gloo down while the other still talks
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_gloo_worker()
 
 
 def test_fsdp2_two_processes_match_one(tmp_path, shards):
