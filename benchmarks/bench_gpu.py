@@ -328,6 +328,22 @@ def bench_decode(cfg, model) -> None:
     log(what="kv_cache", context=ctx, measured_bytes=measured, formula_bytes=formula)
 
 
+def set_fusion(spec: str) -> None:
+    """'name=0|1,…' -> the mhc.Fusion switches (an unknown name is an error, not a silent no-op)."""
+    from dsv4.model.mhc import Fusion
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        if name.startswith("_") or not isinstance(getattr(Fusion, name, None), bool) or value not in ("0", "1"):
+            fields = ", ".join(k for k, v in vars(Fusion).items() if isinstance(v, bool))
+            raise SystemExit(f"--fusion: {item!r} is not name=0 or name=1 with name one of: {fields}")
+        setattr(Fusion, name, value == "1")
+
+
+def fusion_state() -> dict:
+    from dsv4.model.mhc import Fusion
+    return {k: v for k, v in vars(Fusion).items() if isinstance(v, bool)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -335,7 +351,10 @@ def main() -> int:
     ap.add_argument("--sections", default="check,train,graph,recipe,decode,prefill,compile")
     ap.add_argument("--max-context", type=int, default=1 << 20)
     ap.add_argument("--budget-s", type=float, default=540, help="stop starting new sections after this")
+    ap.add_argument("--fusion", default="", help="mHC fast-path switches set before anything runs, e.g. "
+                    "'pre_kernel=1' or 'pre_kernel=1,mix_kernel=0' (fields of dsv4.model.mhc.Fusion)")
     args = ap.parse_args()
+    set_fusion(args.fusion)
     t_start = time.time()
     deadline = t_start + args.budget_s
     sections = args.sections.split(",")
@@ -347,7 +366,7 @@ def main() -> int:
     cfg = load_config(args.config)
     peak = matmul_peak()
     log(what="env", gpu=torch.cuda.get_device_name(), torch=torch.__version__, bf16_peak_tflops=peak / 1e12,
-        params=param_counts(cfg))
+        params=param_counts(cfg), fusion=fusion_state())
     model = build(cfg)
     Transformer.head_fp32 = False            # bf16 head, as the transformers baseline
 

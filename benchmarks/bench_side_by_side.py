@@ -34,7 +34,7 @@ def run(args) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t = time.time()
     cmd = [sys.executable, str(HERE / "bench_gpu.py"), "--out", str(out), "--sections", args.sections,
-           "--max-context", str(args.max_context), "--budget-s", str(args.dsv4_timeout - 90)]
+           "--max-context", str(args.max_context), "--budget-s", str(args.dsv4_timeout - 90), "--fusion", args.fusion]
     try:
         subprocess.run(cmd, env=env, timeout=args.dsv4_timeout)
     except subprocess.TimeoutExpired:
@@ -78,7 +78,8 @@ def table(args) -> int:
     def hf_for(a) -> list:
         """transformers' records of the run that measured dsv4's row a (the first hf file if one, or no row)."""
         return hf_runs[a["_run"]] if a and len(hf_runs) > 1 else hf
-    env = next(r for r in ours if r["what"] == "env")
+    envs = [r for r in ours if r["what"] == "env"]
+    env = envs[0]
     hf_env = {}
     for r in hf:
         if r["what"] in ("params", "env"):
@@ -142,8 +143,9 @@ def table(args) -> int:
             f"date {date} · torch {env['torch']} · transformers {hf_env.get('transformers', '?')} · "
             f"dsv4 commit {commit} · config benchmarks/bench_small.json ({env['params']['total'] / 1e9:.2f}B "
             f"params, {env['params']['active'] / 1e6:.0f}M active), bf16, random weights · "
-            f"bf16 matmul peak measured {env['bf16_peak_tflops']:.0f} TFLOP/s\n\n"
-            + (f"{args.note}\n\n" if args.note else "")
+            f"bf16 matmul peak measured {env['bf16_peak_tflops']:.0f} TFLOP/s"
+            + "".join(f" · mHC switches ({i + 1}) {r['fusion']}" for i, r in enumerate(envs) if "fusion" in r)
+            + "\n\n" + (f"{args.note}\n\n" if args.note else "")
             + "| metric | size | dsv4 | transformers | speedup | note |\n|---|---|---|---|---|---|\n")
     def line(r):
         speed = "-" if r["speedup"] is None else f"{r['speedup']:.1f}x"
@@ -177,6 +179,7 @@ def main() -> int:
     r.add_argument("--max-context", type=int, default=1 << 18)
     r.add_argument("--dsv4-timeout", type=int, default=330)
     r.add_argument("--hf-timeout", type=int, default=240)
+    r.add_argument("--fusion", default="", help="passed to bench_gpu.py (mHC fast-path switches, e.g. pre_kernel=1)")
     t = sub.add_parser("table")
     t.add_argument("--dsv4", required=True, nargs="+",
                    help="dsv4_gpu.json of one run, or of several runs (e.g. training and inference in two device "

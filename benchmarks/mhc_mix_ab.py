@@ -1,16 +1,20 @@
-"""A/B of mHC's mixing projection on one GPU (bench config): PyTorch ops (an fp32 copy of the streams, cuBLAS's
-fp32 GEMM with 24 output columns, the norm) against the Triton kernel (`model/hc_mix_kernel.py`,
-`Fusion.mix_kernel`), in one process.
+"""A/B of mHC's fused paths on one GPU (bench config), in one process: PyTorch ops against either the Triton
+mixing kernel (`model/hc_mix_kernel.py`, `Fusion.mix_kernel`: projection + norm) or the whole pre step in one
+kernel per direction (`model/hc_pre_kernel.py`, `Fusion.pre_kernel`: mixes, maps, Sinkhorn, collapse).
 
-    python benchmarks/mhc_mix_ab.py --out DIR [--sections check,op,sweep,train] [--budget-s 300]
+    python benchmarks/mhc_mix_ab.py --out DIR [--switch mix|pre] [--sections check,op,sweep,train] [--budget-s 300]
 
-  check  fp32 bench model, 2048 tokens: loss and every gradient, kernel off vs on
+  check  fp32 bench model, 2048 tokens: loss and every gradient, the switch off vs on
   op     one compiled hc_pre (maps, Sinkhorn, collapse) forward + backward at b2x4096, streams in bf16 (a bf16
          model) and fp32 (`dsv4 train`: fp32 weights under autocast): ms, and how far apart outputs and
          gradients are
-  sweep  the kernels alone at b2x4096 (bf16 streams, 24 maps): forward and backward ms for tile sizes
-         (hc_mix_kernel.Config rows x cols), against the PyTorch ops (fp32 copy, cuBLAS GEMM, norm)
-  train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss, bf16 model), kernel off vs on
+  sweep  --switch mix: the mixing kernels alone at b2x4096 (bf16 streams, 24 maps), forward and backward ms
+         per tile size (hc_mix_kernel.Config rows x cols), against the PyTorch ops (fp32 copy, cuBLAS GEMM, norm)
+         --switch pre: the pre kernels alone at b2x4096 per hc_pre_kernel.Config (rows x cols x precision),
+         forward and backward ms, against the compiled PyTorch hc_pre split the same way
+  train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss, bf16 model), the switch off vs on
+  train_graph  the README table's headline row, compiled blocks + CUDA graph (fused head loss), the switch off
+         then on in one process (each compiles the blocks anew: ~1.5 min apiece)
 Writes DIR/mhc_mix_ab.json after every record.
 """
 from __future__ import annotations
@@ -33,9 +37,12 @@ from bench_gpu import ab_train, build, grads_rel_diff, log, loss_and_grads, rel_
 from dsv4.model import Transformer, init_weights  # noqa: E402
 from dsv4.model.mhc import Fusion, hc_pre_fast  # noqa: E402
 
+SWITCH = "mix_kernel"     # the Fusion field the sections turn on and off (--switch)
+
+
 def use_kernel(on: bool) -> None:
     """Switch, and drop compiled graphs so that the compiled mHC functions are traced again with it."""
-    Fusion.mix_kernel = on
+    setattr(Fusion, SWITCH, on)
     torch._dynamo.reset()
 
 
@@ -112,9 +119,59 @@ def sweep(cfg) -> None:
     hc_mix_kernel.Config.rows, hc_mix_kernel.Config.cols = default
 
 
+def sweep_pre(cfg) -> None:
+    """The pre kernels alone (forward op, backward op) per Config, and the compiled PyTorch hc_pre: its forward,
+    and its forward + backward minus that."""
+    from dsv4.model import hc_pre_kernel
+    n, D = cfg.hc_mult, cfg.hidden_size
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 4096, n, D, generator=g).to("cuda", torch.bfloat16)
+    fn = (torch.randn((2 + n) * n, n * D, generator=g) * 0.02).cuda()
+    base, scale = torch.randn((2 + n) * n, generator=g).cuda(), torch.rand(3, generator=g).cuda()
+    it, eps, neps = cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
+    ups = (torch.randn(2, 4096, D, generator=g).to("cuda", torch.bfloat16), torch.randn(2, 4096, n, generator=g).cuda(),
+           torch.randn(2, 4096, n, n, generator=g).cuda())
+    use_kernel(False)
+    hr = h.clone().requires_grad_()
+    fwd = timed(lambda: hc_pre_fast(h, fn, base, scale, it, eps, neps), 5)
+
+    def both():
+        out = hc_pre_fast(hr, fn, base, scale, it, eps, neps)
+        torch.autograd.backward(out, ups)
+    log(what="pre_kernel", impl="compiled pytorch", fwd_ms=fwd * 1e3, bwd_ms=(timed(both, 5) - fwd) * 1e3)
+    h2 = h.flatten(2).flatten(0, 1)
+    w, bp, sp = hc_pre_kernel._padded(fn, base, scale, n)
+    dy, dpost, dcomb = (u.flatten(0, 1) for u in ups)
+    default = (hc_pre_kernel.Config.rows, hc_pre_kernel.Config.cols, hc_pre_kernel.Config.precision)
+    for prec in ("tf32x3", "ieee"):
+        for rows in (16, 32, 64):
+            for cols in (64, 128):
+                hc_pre_kernel.Config.rows, hc_pre_kernel.Config.cols, hc_pre_kernel.Config.precision = rows, cols, prec
+                try:
+                    out = torch.ops.dsv4.hc_pre(h2, w, bp, sp, n, it, eps, neps)
+                    fwd = timed(lambda: torch.ops.dsv4.hc_pre(h2, w, bp, sp, n, it, eps, neps), 5)
+                    bwd = timed(lambda: torch.ops.dsv4.hc_pre_backward(h2, w, bp, sp, out[3], out[4], dy, dpost,
+                                                                         dcomb, n, it, eps), 5)
+                    log(what="pre_kernel", impl="triton", precision=prec, rows=rows, cols=cols, fwd_ms=fwd * 1e3,
+                        bwd_ms=bwd * 1e3)
+                except Exception as e:                  # e.g. out of shared memory at a tile size: the next one
+                    log(what="pre_kernel", impl="triton", precision=prec, rows=rows, cols=cols, error=repr(e)[:300])
+    hc_pre_kernel.Config.rows, hc_pre_kernel.Config.cols, hc_pre_kernel.Config.precision = default
+
+
 def train(cfg, model, deadline) -> None:
     # twice each, interleaved: the host-bound rows drift within a process
     ab_train(cfg, model, deadline, [((lambda on=on: use_kernel(on)), dict(kernel=on)) for on in (False, True) * 2])
+
+
+def train_graph(cfg, model) -> None:
+    peak = bench_gpu.matmul_peak()
+    for blk in list(model.layers) + list(model.mtp):          # as `dsv4 train --compile` does
+        blk.compile()
+    for on in (False, True):
+        use_kernel(on)                                         # dynamo reset: the blocks are traced anew
+        bench_gpu.bench_train(cfg, model, peak, f"compiled blocks, CUDA graph, {SWITCH}={on}", mtp=False,
+                              chunked_loss=True, graph=True)
 
 
 def main() -> int:
@@ -123,21 +180,30 @@ def main() -> int:
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
     ap.add_argument("--sections", default="check,op,sweep,train")
     ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--switch", choices=("mix", "pre"), default="mix",
+                    help="which fused path the sections turn on and off: Fusion.mix_kernel or Fusion.pre_kernel")
     args = ap.parse_args()
+    global SWITCH
+    SWITCH = f"{args.switch}_kernel"
     deadline = time.time() + args.budget_s
     cfg = bench_gpu.start_results(args.out, "mhc_mix_ab.json", args.config)
     sections = args.sections.split(",")
-    default = Fusion.mix_kernel
+    default = getattr(Fusion, SWITCH)
+    bench_gpu.log(what="switch", field=SWITCH)
     if "check" in sections:
         check(cfg)
     if "op" in sections:
         op(cfg)
     if "sweep" in sections:
-        sweep(cfg)
+        (sweep_pre if args.switch == "pre" else sweep)(cfg)
     if "train" in sections:
         model = build(cfg)
         Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
         train(cfg, model, deadline)
+    if "train_graph" in sections:
+        model = build(cfg)
+        Transformer.head_fp32 = False
+        train_graph(cfg, model)
     use_kernel(default)
     return 0
 

@@ -87,3 +87,37 @@ def leave_gloo_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def model_equal_with_switch(monkeypatch, switch: str, kernel_module, kernel_fn: str, device: str, seed: int = 7,
+                            seq: int = 33) -> dict:
+    """mHC fast path `Fusion.<switch>` on vs off in the whole tiny model (fp32, mHC eager): logits within 1e-5
+    and every gradient within 1e-4; then a failing stand-in for `kernel_module.<kernel_fn>` must surface (the
+    kernel really runs). -> the reference gradients by name, for further checks. (On CUDA mHC is otherwise
+    compiled, and a compiled graph keeps calling the op it traced, not the stand-in.)"""
+    from dsv4.model.mhc import Fusion
+    monkeypatch.setattr(Fusion, "enabled", False)
+    model = random_tiny(seed).float().to(device).train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(seed)).to(device)
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(Fusion, switch, on)
+        model.zero_grad(set_to_none=True)
+        logits = model(ids)
+        logits.logsumexp(-1).mean().backward()
+        outs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, gref), (got, ggot) = outs
+    assert rel_diff(got, ref) < 1e-5
+    assert gref.keys() == ggot.keys()
+    for n, g in gref.items():
+        assert rel_diff(ggot[n], g) < 1e-4, n
+
+    class Ran(Exception):
+        pass
+
+    def stand_in(*args, **kwargs):
+        raise Ran
+    monkeypatch.setattr(kernel_module, kernel_fn, stand_in)
+    with pytest.raises(Ran):
+        model(ids)
+    return gref

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compile_for_hopper, random_tiny, rel_diff, triton_compiler
+from conftest import compile_for_hopper, model_equal_with_switch, rel_diff, triton_compiler
 
 from dsv4.model import hc_mix_kernel, mhc
 from dsv4.model.mhc import Fusion
@@ -48,33 +48,9 @@ def test_mixes_and_gradients_equal_reference(dtype, M, K, N):
 @runs_here
 def test_model_with_mix_kernel_equals_reference(monkeypatch):
     """Whole model (every sublayer's hc_pre and the final hc_head): logits and every gradient equal with the
-    kernel on and off (fp32); the kernel really runs (a failing stand-in surfaces). mHC runs eagerly here (on
-    CUDA it is otherwise compiled, and a compiled graph keeps calling the op it traced, not the stand-in);
-    the compiled case has its own test below."""
-    monkeypatch.setattr(Fusion, "enabled", False)
-    model = random_tiny(7).float().to(DEV).train()
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(7)).to(DEV)
-    outs = []
-    for on in (False, True):
-        monkeypatch.setattr(Fusion, "mix_kernel", on)
-        model.zero_grad(set_to_none=True)
-        logits = model(ids)
-        logits.logsumexp(-1).mean().backward()
-        outs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (ref, gref), (got, ggot) = outs
-    assert rel_diff(got, ref) < 1e-5
-    assert gref.keys() == ggot.keys() and any("hc_attn_fn" in n for n in gref) and "hc_head_fn" in gref
-    for n, g in gref.items():
-        assert rel_diff(ggot[n], g) < 1e-4, n
-
-    class Ran(Exception):
-        pass
-
-    def stand_in(*args, **kwargs):
-        raise Ran
-    monkeypatch.setattr(hc_mix_kernel, "mixes", stand_in)
-    with pytest.raises(Ran):
-        model(ids)
+    kernel on and off (fp32), and the kernel really runs; the compiled case has its own test below."""
+    gref = model_equal_with_switch(monkeypatch, "mix_kernel", hc_mix_kernel, "mixes", DEV)
+    assert any("hc_attn_fn" in n for n in gref) and "hc_head_fn" in gref
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="torch.compile of the custom op: CUDA")

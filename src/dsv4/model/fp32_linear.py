@@ -69,6 +69,15 @@ def _split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def mm_few_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [m, k] fp32 with few rows @ b [k, n] -> [m, n] in fp32 precision. bf16 b on CUDA: a's three bf16
+    pieces stacked as the rows of one fp32-output bf16 GEMM (b, the large operand, is read once, not once per
+    piece), then summed; anything else: the fp32 GEMM."""
+    if not _fp32_out_gemm(b, b, torch.ops.aten.mm):
+        return a.float() @ b.float()
+    return _mm32(torch.cat(_pieces(a)), b).unflatten(0, (-1, a.shape[0])).sum(0)
+
+
 class _Fp32Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import hc_mix_kernel, sinkhorn_kernel
+from . import hc_mix_kernel, hc_pre_kernel, sinkhorn_kernel
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -80,7 +80,10 @@ def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
 
 def hc_pre(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int, hc_eps: float,
            norm_eps: float, kind: str = "mhc") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hc_maps then hc_collapse: -> sublayer input [b,s,D], post [b,s,n], comb [b,s,n,n]."""
+    """hc_maps then hc_collapse: -> sublayer input [b,s,D], post [b,s,n], comb [b,s,n,n]. By one Triton kernel
+    per direction where `Fusion.pre_kernel` and the kernel supports the call (`hc_pre_kernel`)."""
+    if Fusion.pre_kernel and hc_pre_kernel.supported(h, kind):
+        return hc_pre_kernel.hc_pre(h, fn, base, scale, iters, hc_eps, norm_eps)
     pre, post, comb = hc_maps(h, fn, base, scale, iters, hc_eps, norm_eps, kind)
     return hc_collapse(h, pre), post, comb
 
@@ -93,9 +96,13 @@ class Fusion:
     eagerly. `mix_kernel`: the mixing projection + norm by one Triton kernel per direction (`hc_mix_kernel`)
     instead of an fp32 copy and cuBLAS's skinny fp32 GEMM, its own switch (also with `enabled` False). Off: on
     an H100 the op alone was faster (fwd+bwd 1.1 vs 1.5 ms at b2×4096) but the compiled hc_pre around it slower
-    (2.1 vs 1.7 ms; inductor fuses the copy and norm into its neighbours) and training within noise."""
+    (2.1 vs 1.7 ms; inductor fuses the copy and norm into its neighbours) and training within noise.
+    `pre_kernel`: the whole of `hc_pre` (mixes, maps, Sinkhorn, collapse) by one Triton kernel per direction
+    (`hc_pre_kernel`; tensor-core products at fp32 precision), its own switch too; off until an A/B on a GPU
+    (`benchmarks/mhc_mix_ab.py --sections pre_op,pre_train`) says it pays."""
     enabled = True
     mix_kernel = False
+    pre_kernel = False
 
 
 def fused(fn: Callable) -> Callable:

@@ -51,23 +51,19 @@ if triton is not None:
         return offs, ok
 
     @triton.jit
-    def _sinkhorn_fwd(X, Y, M, ITERS: tl.constexpr, EPS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-                    B: tl.constexpr):
-        offs, ok = _tile(tl.program_id(0), M, N, NP, B)
-        x = tl.load(X + offs, mask=ok, other=0.)
+    def sinkhorn_tile(x, ok, ITERS: tl.constexpr, EPS: tl.constexpr):
+        """Sinkhorn of a block of [B, NP, NP] logits held in registers (pads: ok False) -> the matrices (pads 0).
+        Also called from other kernels (`hc_pre_kernel`)."""
         m, _ = _softmax_rows(x, ok, EPS)
         m = m / _den(m, EPS, 1)                                          # columns
         for _ in tl.static_range(ITERS - 1):
             m = m / _den(m, EPS, 2)                                      # rows
             m = m / _den(m, EPS, 1)                                      # columns
-        tl.store(Y + offs, m, mask=ok)
+        return tl.where(ok, m, 0.)
 
     @triton.jit
-    def _sinkhorn_bwd(X, DY, DX, M, ITERS: tl.constexpr, EPS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-                    B: tl.constexpr):
-        offs, ok = _tile(tl.program_id(0), M, N, NP, B)
-        x = tl.load(X + offs, mask=ok, other=0.)
-        g = tl.load(DY + offs, mask=ok, other=0.)
+    def sinkhorn_tile_grad(x, g, ok, ITERS: tl.constexpr, EPS: tl.constexpr):
+        """The gradient w.r.t. the logits x [B, NP, NP] of Σ g · sinkhorn_tile(x) (pads: 0)."""
         m0, s = _softmax_rows(x, ok, EPS)
         steps = 2 * ITERS - 1                 # normalisation k: columns for even k, rows for odd k
         for kk in range(steps):
@@ -85,8 +81,22 @@ if triton is not None:
                 g = (g - tl.expand_dims(tl.sum(g * (u / den_c), axis=1), 1)) / den_c
             g = tl.where(ok, g, 0.)           # pads would otherwise pick up −Σ g·y and overflow on eps
         # g is now d(softmax + eps): softmax backward per row
-        dx = s * (g - tl.expand_dims(tl.sum(g * s, axis=2), 2))
-        tl.store(DX + offs, dx, mask=ok)
+        return tl.where(ok, s * (g - tl.expand_dims(tl.sum(g * s, axis=2), 2)), 0.)
+
+    @triton.jit
+    def _sinkhorn_fwd(X, Y, M, ITERS: tl.constexpr, EPS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                    B: tl.constexpr):
+        offs, ok = _tile(tl.program_id(0), M, N, NP, B)
+        x = tl.load(X + offs, mask=ok, other=0.)
+        tl.store(Y + offs, sinkhorn_tile(x, ok, ITERS, EPS), mask=ok)
+
+    @triton.jit
+    def _sinkhorn_bwd(X, DY, DX, M, ITERS: tl.constexpr, EPS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                    B: tl.constexpr):
+        offs, ok = _tile(tl.program_id(0), M, N, NP, B)
+        x = tl.load(X + offs, mask=ok, other=0.)
+        g = tl.load(DY + offs, mask=ok, other=0.)
+        tl.store(DX + offs, sinkhorn_tile_grad(x, g, ok, ITERS, EPS), mask=ok)
 
     def _launch(kernel, x: torch.Tensor, *tensors: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
         n = x.shape[-1]

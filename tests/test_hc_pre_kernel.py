@@ -1,0 +1,104 @@
+"""The fused mHC pre step (`hc_pre_kernel`: mixes, maps, Sinkhorn and collapse in one Triton kernel per
+direction) equals `mhc.hc_pre`'s PyTorch ops, values and gradients. Runs where Triton runs: on a CUDA machine,
+or on the CPU under Triton's interpreter (TRITON_INTERPRET=1); skipped elsewhere (CI's CPU build of torch has
+no Triton). The sm90 compile test needs only Triton's compiler."""
+import pytest
+import torch
+
+from conftest import compile_for_hopper, model_equal_with_switch, rel_diff, triton_compiler
+
+from dsv4.model import hc_pre_kernel, mhc
+from dsv4.model.mhc import Fusion
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+runs_here = pytest.mark.skipif(not hc_pre_kernel.available(torch.empty(0, device=DEV)),
+                               reason="needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+
+
+def _inputs(dtype, b, s, n, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = (2 + n) * n
+    h = torch.randn(b, s, n, D, generator=g).to(DEV, dtype)
+    fn = (torch.randn(m, n * D, generator=g) * 0.1).to(DEV)
+    base, scale = (torch.randn(m, generator=g) * 0.3).to(DEV), (torch.rand(3, generator=g) + 0.5).to(DEV)
+    return [t.requires_grad_() for t in (h, fn, base, scale)], g
+
+
+@runs_here
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (2, 19, 4, 48)),    # ragged tokens and stream width
+                                         (torch.float32, (1, 20, 3, 32)),    # n = 3: padded comb block
+                                         (torch.bfloat16, (1, 37, 4, 64))])  # the streams of a bf16 model
+def test_pre_and_gradients_equal_reference(dtype, shape, monkeypatch):
+    """y, post, comb and the gradients w.r.t. the streams, fn, base and scale equal the PyTorch ops' (Sinkhorn
+    as its PyTorch loop) for random upstream gradients of all three outputs. bf16 results are rounded once, the
+    reference's too; Triton's interpreter rounds fp32 -> bf16 toward zero (a GPU to nearest), so bf16 values may
+    differ by one bf16 step. Bounds of 1e-5 leave room for the GPU's tf32x3 products (the interpreter's fp32
+    products land near 1e-7); a wrong term lands above 1e-2."""
+    monkeypatch.setattr(Fusion, "enabled", False)
+    (h, fn, base, scale), g = _inputs(dtype, *shape, seed=shape[1])
+    ref_in = [t.detach().clone().requires_grad_() for t in (h, fn, base, scale)]
+    got = hc_pre_kernel.hc_pre(h, fn, base, scale, 20, 1e-6, 1e-6)
+    ref = mhc.hc_pre(*ref_in, 20, 1e-6, 1e-6)
+    assert got[0].dtype == dtype and got[0].shape == shape[:2] + shape[3:]
+    assert rel_diff(got[0], ref[0]) < (1e-5 if dtype == torch.float32 else 2 ** -7)
+    assert rel_diff(got[1], ref[1]) < 1e-5 and rel_diff(got[2], ref[2]) < 1e-5
+    ups = [torch.randn(t.shape, generator=g).to(DEV) for t in ref]
+    for out in (got, ref):
+        sum((o.float() * u).sum() for o, u in zip(out, ups)).backward()
+    assert h.grad.dtype == dtype
+    assert rel_diff(h.grad, ref_in[0].grad) < (1e-5 if dtype == torch.float32 else 2 ** -7)
+    for a, r in zip((fn, base, scale), ref_in[1:]):
+        assert rel_diff(a.grad, r.grad) < 1e-5
+    # every gradient path matters: without the Sinkhorn's gradient the maps' gradients would be far off
+    ref_in[2].grad = None
+    sum((o.float() * u).sum() for o, u in zip(mhc.hc_pre(*ref_in, 20, 1e-6, 1e-6)[:2], ups[:2])).backward()
+    assert rel_diff(base.grad, ref_in[2].grad) > 1e-2
+
+
+def test_supported_only_where_the_kernel_computes_the_call():
+    h = torch.empty(1, 2, 4, 8)
+    assert not hc_pre_kernel.supported(h, "hc")                     # unconstrained comb (ablation): no Sinkhorn
+    assert not hc_pre_kernel.supported(torch.empty(1, 2, 2, 8), "mhc")   # comb block under a dot's 16 columns
+    assert not hc_pre_kernel.supported(h.half(), "mhc")
+    assert hc_pre_kernel.supported(h, "mhc") == hc_pre_kernel.available(h)
+
+
+@runs_here
+def test_model_with_pre_kernel_equals_reference(monkeypatch):
+    """Whole model: logits and every gradient equal with the kernel on and off (fp32), and the kernel really
+    runs; the compiled case has its own test below."""
+    gref = model_equal_with_switch(monkeypatch, "pre_kernel", hc_pre_kernel, "hc_pre", DEV, seed=3, seq=21)
+    assert any("hc_ffn_scale" in n for n in gref) and any("hc_attn_base" in n for n in gref)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="torch.compile of the custom op: CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pre_kernel_inside_torch_compile(dtype, monkeypatch):
+    """Traced into a compiled function (as the compiled blocks and the mHC functions are), forward and
+    backward, against the eager PyTorch ops."""
+    (h, fn, base, scale), _ = _inputs(dtype, 2, 40, 4, 64, seed=5)
+    hr = h.detach().clone().requires_grad_()
+    monkeypatch.setattr(Fusion, "pre_kernel", True)
+    f = torch.compile(lambda t: sum(o.float().square().sum() for o in mhc.hc_pre(t, fn, base, scale, 20, 1e-6, 1e-6)),
+                      fullgraph=True)
+    f(h).backward()
+    monkeypatch.setattr(Fusion, "pre_kernel", False)
+    sum(o.float().square().sum() for o in mhc.hc_pre(hr, fn, base, scale, 20, 1e-6, 1e-6)).backward()
+    assert rel_diff(h.grad, hr.grad) < (1e-5 if dtype == torch.float32 else 2 ** -7)
+
+
+@pytest.mark.skipif(not triton_compiler(), reason="needs Triton's compiler (not its interpreter)")
+@pytest.mark.parametrize("h_dtype", ["bf16", "fp32"])
+def test_pre_kernels_compile_for_hopper(h_dtype):
+    """Both kernels compile for sm90 (no GPU needed) at the bench model's size (n 4, D 1024) within an H100's
+    shared memory per program."""
+    k = hc_pre_kernel
+    np4, npp = k._sizes(4)
+    consts = dict(D=1024, N=4, NP4=np4, NPP=npp, ITERS=20, BM=k.Config.rows, BD=k.Config.cols,
+                  PREC=k.Config.precision)
+    f32 = {n: "fp32" for n in ("W", "SCALE", "BASE", "POST", "COMB", "MIX", "RSTD", "DPOST", "DCOMB", "DZ", "DA")}
+    for kernel, streams, floats in ((k._pre_fwd, ("H", "Y"), ("eps", "hc_eps")),
+                                    (k._pre_bwd, ("H", "DY", "DH"), ("hc_eps",))):
+        ptr = dict(f32, **{name: h_dtype for name in streams})
+        shared = compile_for_hopper(kernel, consts, ptr, floats=floats, num_warps=k.Config.warps)
+        assert shared <= 227 * 1024, (kernel, shared)
