@@ -76,3 +76,18 @@ def test_addmm32_accumulates_in_place_in_fp32(device):
     acc = torch.full((192, 80), float("nan"), device=device)
     fl.addmm32_(acc, a, b, beta=0.0)
     assert float((acc.double() - a.double() @ b.double()).abs().max() / ref.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mm_few_rows_has_fp32_precision(device):
+    """a (fp32, few rows) @ b (bf16): on CUDA a's three bf16 pieces in one GEMM, fp32 precision against float64
+    (a rounded to bf16 instead would be ~1e-3 off); fp32 b takes the fp32 GEMM."""
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(24, 500, generator=g).to(device)
+    b = torch.randn(500, 96, generator=g).bfloat16().to(device)
+    ref = a.double() @ b.double()
+    for bb in (b, b.float()):
+        got = fl.mm_few_rows(a.t().contiguous().t(), bb)          # a transposed view, as the caller passes it
+        assert got.dtype == torch.float32 and got.shape == (24, 96)
+        assert float((got.double() - ref).norm() / ref.norm()) < 1e-6
+    assert float((a.bfloat16().double() @ b.double() - ref).norm() / ref.norm()) > 1e-4
