@@ -96,7 +96,7 @@ def test_pre_kernels_compile_for_hopper(h_dtype):
     np4, npp = k._sizes(4)
     consts = dict(D=1024, N=4, NP4=np4, NPP=npp, ITERS=20, BM=k.Config.rows, BD=k.Config.cols,
                   PREC=k.Config.precision)
-    f32 = {n: "fp32" for n in ("W", "SCALE", "BASE", "POST", "COMB", "MIX", "RSTD", "DPOST", "DCOMB", "DZ", "DA")}
+    f32 = {n: "fp32" for n in ("W", "SCALE", "BASE", "POST", "COMB", "MIX", "RSTD", "DPOST", "DCOMB", "DZ", "DA", "SCR")}
     for kernel, streams, floats in ((k._pre_fwd, ("H", "Y"), ("eps", "hc_eps")),
                                     (k._pre_bwd, ("H", "DY", "DH"), ("hc_eps",))):
         ptr = dict(f32, **{name: h_dtype for name in streams})

@@ -11,7 +11,8 @@ As PyTorch ops compiled by inductor this step took 1.66 ms forward + backward at
 streams; `benchmarks/mhc_mix_ab.py --sections op`), ~18 of them per training step; the bytes it must move
 (the streams once or twice per direction, the result, the gradient) take ~0.1 ms.
 
-Backward, with g = dL/da (sigmoid and Sinkhorn backward in registers, `sinkhorn_kernel.sinkhorn_tile_grad`),
+Backward, with g = dL/da (sigmoid and Sinkhorn backward in registers, the Sinkhorn iterates kept in a scratch
+buffer for the walk back: `sinkhorn_kernel.sinkhorn_tile_grad_stored`),
 r = rsqrt(mean(x²) + eps) and dz = g · scale · r:
     dpre_i = Σ_d dy_d · h_{i,d}                            pass 1 over the streams and dy
     dh     = pre_i · dy + dz @ fn − (Σ_j g_j·scale_j·mixes_j) · r² · x / K     pass 2, written once
@@ -75,7 +76,7 @@ def _padded(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int):
 if triton is not None:
     import triton.language as tl
 
-    from .sinkhorn_kernel import sinkhorn_tile, sinkhorn_tile_grad
+    from .sinkhorn_kernel import sinkhorn_tile, sinkhorn_tile_grad_stored
 
     @triton.jit
     def _maps(mix_p, mix_c, SCALE, BASE, NC: tl.constexpr, NPP: tl.constexpr, NP4: tl.constexpr, BM: tl.constexpr):
@@ -144,7 +145,7 @@ if triton is not None:
             tl.store(Y + rows[:, None] * D + ds[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _pre_bwd(H, W, SCALE, BASE, MIX, RSTD, DY, DPOST, DCOMB, DH, DZ, DA, M, hc_eps,
+    def _pre_bwd(H, W, SCALE, BASE, MIX, RSTD, DY, DPOST, DCOMB, DH, DZ, DA, SCR, M, hc_eps,
                  D: tl.constexpr, N: tl.constexpr, NP4: tl.constexpr, NPP: tl.constexpr, ITERS: tl.constexpr,
                  BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
         NC: tl.constexpr = NP4 * NP4
@@ -168,7 +169,11 @@ if triton is not None:
         post_ok = r_ok[:, None] & (cp[None, :] >= N) & (cp[None, :] < 2 * N)
         dpost = tl.load(DPOST + rows[:, None] * N + (cp - N)[None, :], mask=post_ok, other=0.)
         g_p = tl.where(cp[None, :] < N, dpre, 2. * dpost) * sig * (1. - sig)           # 0 beyond 2N
-        g_c3 = sinkhorn_tile_grad(a_c, tl.load(DCOMB + offs3, mask=ok3, other=0.), ok3, ITERS, hc_eps)
+        scr = SCR + tl.program_id(0) * ((2 * ITERS - 1) * BM * NC)              # this program's scratch
+        loc = (tl.arange(0, BM)[:, None, None] * NP4 + tl.arange(0, NP4)[None, :, None]) * NP4 \
+            + tl.arange(0, NP4)[None, None, :]
+        g_c3 = sinkhorn_tile_grad_stored(a_c, tl.load(DCOMB + offs3, mask=ok3, other=0.), ok3, ITERS, hc_eps,
+                                         scr, loc)
         g_c = tl.reshape(g_c3, (BM, NC))
         tl.store(DA + rows[:, None] * NW + cc[None, :], g_c, mask=r_ok[:, None])
         tl.store(DA + rows[:, None] * NW + (NC + cp)[None, :], g_p, mask=r_ok[:, None])
@@ -227,8 +232,10 @@ if triton is not None:
         dh = torch.empty_like(h2)
         dz = torch.empty(M, w.shape[0], dtype=torch.float32, device=h2.device)
         da = torch.empty_like(dz)
-        torch.library.wrap_triton(_pre_bwd)[(triton.cdiv(M, Config.rows),)](
-            h2, w, scale, base, mix, rstd, dy, dpost, dcomb, dh, dz, da, M, hc_eps, **_meta(h2, n, iters))
+        grid, np4 = triton.cdiv(M, Config.rows), _sizes(n)[0]
+        scratch = torch.empty(grid * (2 * iters - 1) * Config.rows * np4 * np4, dtype=torch.float32, device=h2.device)
+        torch.library.wrap_triton(_pre_bwd)[(grid,)](
+            h2, w, scale, base, mix, rstd, dy, dpost, dcomb, dh, dz, da, scratch, M, hc_eps, **_meta(h2, n, iters))
         return dh, mm_few_rows(dz.t(), h2), da.sum(0), (da * mix).sum(0)
 
     def _setup(ctx, inputs, output):
