@@ -6,10 +6,11 @@
 #   train    `dsv4 train` end to end on the small preset, eager and with --cuda-graph     (~3 min)
 #            (TRAIN_MODES="eager graph compile compile-graph" picks; the compile modes ~4 min each)
 #   mhc      the A/B of the opt-in mHC mixing kernel (benchmarks/mhc_mix_ab.py; run 2026-11-23: stays off)
-#   pre      the opt-in fused mHC pre step (hc_pre_kernel, stop 22, never run on a GPU yet): its CUDA tests, then
-#            mhc_mix_ab.py --switch pre: fp32 model check, compiled hc_pre off/on, tile x precision sweep  (~5 min)
-#   pretrain the same switch on the README's headline row: compiled blocks + CUDA graph, off then on, one
-#            process (mhc_mix_ab.py --switch pre --sections train_graph)                     (~5 min)
+#   pre      the opt-in fused mHC kernels (hc_pre_kernel, hc_expand_kernel; stop 22, never run on a GPU yet):
+#            their CUDA tests, then mhc_mix_ab.py --switch pre,expand: fp32 model check, compiled hc_pre and
+#            hc_expand off/on, tile sweeps                                                    (~5 min)
+#   pretrain the same switches on the README's headline row: compiled blocks + CUDA graph with none, each
+#            alone and both, one process (mhc_mix_ab.py --switch pre,expand --sections train_graph)   (~8 min, alone)
 #   ops      which source lines issue the step's dtype copies, cats and multiplies (op_sources.py)   (~1 min)
 #   compile  compiled blocks (`dsv4 train --compile`) with the Triton attention forward: gradients against
 #            eager by name, tok/s, and replayed from a CUDA graph at b1 and b2 (bench_gpu.py --sections
@@ -73,15 +74,15 @@ want indexer && grep '^{' "$OUT/recipe.log" | cut -c1-240
 want mhc && step mhc_mix_ab 240 python3 benchmarks/mhc_mix_ab.py --out "$OUT" --sections check,op,sweep,train --budget-s 170
 want mhc && grep '^{' "$OUT/mhc_mix_ab.log" | cut -c1-240
 
-# 2c. the fused mHC pre step (hc_pre_kernel): CUDA tests, then the A/B against the compiled PyTorch ops
+# 2c. the fused mHC pre and expand steps: CUDA tests, then the A/B against the compiled PyTorch ops
 want pre && step tests_pre 200 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v --timeout 150 \
-    tests/test_hc_pre_kernel.py tests/test_sinkhorn_kernel.py
-want pre && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests_pre.log" | tail -20
-want pre && step pre_ab 200 python3 benchmarks/mhc_mix_ab.py --out "$OUT" --switch pre --sections check,op,sweep \
-    --budget-s 170
+    tests/test_hc_pre_kernel.py tests/test_hc_expand_kernel.py tests/test_sinkhorn_kernel.py
+want pre && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests_pre.log" | tail -24
+want pre && step pre_ab 240 python3 benchmarks/mhc_mix_ab.py --out "$OUT" --switch pre,expand \
+    --sections check,op,sweep --budget-s 200
 want pre && grep '^{' "$OUT/pre_ab.log" | cut -c1-240
-want pretrain && step pre_train 420 python3 benchmarks/mhc_mix_ab.py --out "$OUT/pretrain" --switch pre \
-    --sections train_graph --budget-s 400
+want pretrain && step pre_train 560 python3 benchmarks/mhc_mix_ab.py --out "$OUT/pretrain" --switch pre,expand \
+    --sections train_graph --budget-s 540
 want pretrain && grep '^{' "$OUT/pre_train.log" | cut -c1-240
 
 # 3. dsv4 train end to end on the small preset (bytes tokenizer: no download), eager then --cuda-graph

@@ -1,20 +1,24 @@
-"""A/B of mHC's fused paths on one GPU (bench config), in one process: PyTorch ops against either the Triton
-mixing kernel (`model/hc_mix_kernel.py`, `Fusion.mix_kernel`: projection + norm) or the whole pre step in one
-kernel per direction (`model/hc_pre_kernel.py`, `Fusion.pre_kernel`: mixes, maps, Sinkhorn, collapse).
+"""A/B of mHC's fused paths on one GPU (bench config), in one process: PyTorch ops against the Triton mixing
+kernel (`model/hc_mix_kernel.py`, `Fusion.mix_kernel`: projection + norm), the whole pre step in one kernel per
+direction (`model/hc_pre_kernel.py`, `Fusion.pre_kernel`: mixes, maps, Sinkhorn, collapse) and/or the expand step
+(`model/hc_expand_kernel.py`, `Fusion.expand_kernel`). --switch names the ones the sections turn on together.
 
-    python benchmarks/mhc_mix_ab.py --out DIR [--switch mix|pre] [--sections check,op,sweep,train] [--budget-s 300]
+    python benchmarks/mhc_mix_ab.py --out DIR [--switch mix | pre | expand | pre,expand] [--sections check,op,sweep,train]
+                                    [--budget-s 300]
 
   check  fp32 bench model, 2048 tokens: loss and every gradient, the switch off vs on
   op     one compiled hc_pre (maps, Sinkhorn, collapse) forward + backward at b2x4096, streams in bf16 (a bf16
          model) and fp32 (`dsv4 train`: fp32 weights under autocast): ms, and how far apart outputs and
-         gradients are
+         gradients are; the same for one compiled hc_expand
   sweep  --switch mix: the mixing kernels alone at b2x4096 (bf16 streams, 24 maps), forward and backward ms
          per tile size (hc_mix_kernel.Config rows x cols), against the PyTorch ops (fp32 copy, cuBLAS GEMM, norm)
          --switch pre: the pre kernels alone at b2x4096 per hc_pre_kernel.Config (rows x cols x precision),
-         forward and backward ms, against the compiled PyTorch hc_pre split the same way
+         forward and backward ms, against the compiled PyTorch hc_pre split the same way;
+         --switch expand: the expand kernels alone per hc_expand_kernel.Config (rows x cols), likewise
   train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss, bf16 model), the switch off vs on
-  train_graph  the README table's headline row, compiled blocks + CUDA graph (fused head loss), the switch off
-         then on in one process (each compiles the blocks anew: ~1.5 min apiece)
+  train_graph  the README table's headline row, compiled blocks + CUDA graph (fused head loss), in one
+         process: all switches off, each alone on (when several), all on (each compiles the blocks anew:
+         ~1.5 min apiece)
 Writes DIR/mhc_mix_ab.json after every record.
 """
 from __future__ import annotations
@@ -35,14 +39,16 @@ sys.path.insert(0, str(HERE))
 import bench_gpu  # noqa: E402
 from bench_gpu import ab_train, build, grads_rel_diff, log, loss_and_grads, rel_diff, timed  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
-from dsv4.model.mhc import Fusion, hc_pre_fast  # noqa: E402
+from dsv4.model.mhc import Fusion, hc_expand_fast, hc_pre_fast  # noqa: E402
 
-SWITCH = "mix_kernel"     # the Fusion field the sections turn on and off (--switch)
+SWITCHES = ["mix_kernel"]     # the Fusion fields the sections turn on and off together (--switch)
 
 
-def use_kernel(on: bool) -> None:
-    """Switch, and drop compiled graphs so that the compiled mHC functions are traced again with it."""
-    setattr(Fusion, SWITCH, on)
+def use_kernel(on: bool, fields=None) -> None:
+    """Set the switches (all of SWITCHES, or `fields`), and drop compiled graphs so that the compiled mHC
+    functions are traced again with them."""
+    for f in SWITCHES:
+        setattr(Fusion, f, on and (fields is None or f in fields))
     torch._dynamo.reset()
 
 
@@ -67,6 +73,10 @@ def op(cfg) -> None:
     fn = (torch.randn((2 + n) * n, n * D, generator=g) * 0.02).cuda().requires_grad_()
     base, scale = torch.randn((2 + n) * n, generator=g).cuda(), torch.rand(3, generator=g).cuda()
     for dtype in (torch.bfloat16, torch.float32):
+        if "expand_kernel" in SWITCHES:
+            expand_op(cfg, dtype, g)
+        if not {"mix_kernel", "pre_kernel"} & set(SWITCHES):
+            continue
         h0 = torch.randn(2, 4096, n, D, generator=g).to("cuda", dtype)
         outs = {}
         for on in (False, True):
@@ -92,6 +102,32 @@ def op(cfg) -> None:
         names = ("x", "post", "comb", "d_streams", "d_fn")
         log(what="hc_pre_diff", streams=str(dtype).replace("torch.", ""),
             **{f"{k}_rel": rel_diff(a, b) for k, a, b in zip(names, outs[True], outs[False])})
+
+
+def expand_op(cfg, dtype, g) -> None:
+    """One compiled hc_expand forward + backward at b2x4096: ms per switch state, and the outputs' distance."""
+    n, D = cfg.hc_mult, cfg.hidden_size
+    ins0 = (torch.randn(2, 4096, D, generator=g).to("cuda", dtype), torch.randn(2, 4096, n, D, generator=g).to("cuda", dtype),
+            2 * torch.rand(2, 4096, n, generator=g).cuda(), torch.rand(2, 4096, n, n, generator=g).cuda())
+    outs = {}
+    for on in (False, True):
+        use_kernel(on)
+        ins = [t.clone().requires_grad_() for t in ins0]
+
+        def step():
+            for t in ins:
+                t.grad = None
+            out = hc_expand_fast(*ins)
+            out.float().square().mean().backward()
+            return out
+        step()
+        step()
+        outs[on] = [step().detach()] + [t.grad.clone() for t in ins]
+        log(what="hc_expand", streams=str(dtype).replace("torch.", ""), kernel=on, batch=2, seq=4096,
+            ms=timed(step, 5) * 1e3)
+    log(what="hc_expand_diff", streams=str(dtype).replace("torch.", ""),
+        **{f"{k}_rel": rel_diff(a, b) for k, a, b in zip(("out", "d_y", "d_streams", "d_post", "d_comb"),
+                                                          outs[True], outs[False])})
 
 
 def sweep(cfg) -> None:
@@ -159,6 +195,27 @@ def sweep_pre(cfg) -> None:
     hc_pre_kernel.Config.rows, hc_pre_kernel.Config.cols, hc_pre_kernel.Config.precision = default
 
 
+def sweep_expand(cfg) -> None:
+    """The expand kernels alone (forward op, backward op) per Config at b2x4096, bf16 streams."""
+    from dsv4.model import hc_expand_kernel
+    n, D, M = cfg.hc_mult, cfg.hidden_size, 2 * 4096
+    g = torch.Generator().manual_seed(2)
+    y, h = torch.randn(M, D, generator=g).to("cuda", torch.bfloat16), torch.randn(M, n, D, generator=g).to("cuda", torch.bfloat16)
+    post, comb = 2 * torch.rand(M, n, generator=g).cuda(), torch.rand(M, n, n, generator=g).cuda()
+    up = torch.randn(M, n, D, generator=g).to("cuda", torch.bfloat16)
+    default = (hc_expand_kernel.Config.rows, hc_expand_kernel.Config.cols)
+    for rows in (8, 16, 32):
+        for cols in (32, 64, 128):
+            hc_expand_kernel.Config.rows, hc_expand_kernel.Config.cols = rows, cols
+            try:
+                fwd = timed(lambda: torch.ops.dsv4.hc_expand(y, h, post, comb), 5)
+                bwd = timed(lambda: torch.ops.dsv4.hc_expand_backward(up, y, h, post, comb), 5)
+                log(what="expand_kernel", rows=rows, cols=cols, fwd_ms=fwd * 1e3, bwd_ms=bwd * 1e3)
+            except Exception as e:
+                log(what="expand_kernel", rows=rows, cols=cols, error=repr(e)[:300])
+    hc_expand_kernel.Config.rows, hc_expand_kernel.Config.cols = default
+
+
 def train(cfg, model, deadline) -> None:
     # twice each, interleaved: the host-bound rows drift within a process
     ab_train(cfg, model, deadline, [((lambda on=on: use_kernel(on)), dict(kernel=on)) for on in (False, True) * 2])
@@ -168,10 +225,11 @@ def train_graph(cfg, model) -> None:
     peak = bench_gpu.matmul_peak()
     for blk in list(model.layers) + list(model.mtp):          # as `dsv4 train --compile` does
         blk.compile()
-    for on in (False, True):
-        use_kernel(on)                                         # dynamo reset: the blocks are traced anew
-        bench_gpu.bench_train(cfg, model, peak, f"compiled blocks, CUDA graph, {SWITCH}={on}", mtp=False,
-                              chunked_loss=True, graph=True)
+    variants = [()] + ([(f,) for f in SWITCHES] if len(SWITCHES) > 1 else []) + [tuple(SWITCHES)]
+    for fields in variants:
+        use_kernel(bool(fields), fields)                       # dynamo reset: the blocks are traced anew
+        bench_gpu.bench_train(cfg, model, peak, f"compiled blocks, CUDA graph, on: {'+'.join(fields) or 'none'}",
+                              mtp=False, chunked_loss=True, graph=True)
 
 
 def main() -> int:
@@ -180,22 +238,30 @@ def main() -> int:
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
     ap.add_argument("--sections", default="check,op,sweep,train")
     ap.add_argument("--budget-s", type=float, default=300)
-    ap.add_argument("--switch", choices=("mix", "pre"), default="mix",
-                    help="which fused path the sections turn on and off: Fusion.mix_kernel or Fusion.pre_kernel")
+    ap.add_argument("--switch", default="mix",
+                    help="the fused paths the sections turn on and off together, comma-separated: mix, pre, "
+                         "expand (Fusion.<name>_kernel)")
     args = ap.parse_args()
-    global SWITCH
-    SWITCH = f"{args.switch}_kernel"
+    SWITCHES[:] = [f"{name}_kernel" for name in args.switch.split(",")]
+    for f in SWITCHES:
+        if not isinstance(getattr(Fusion, f, None), bool):
+            ap.error(f"--switch: no Fusion.{f}")
     deadline = time.time() + args.budget_s
     cfg = bench_gpu.start_results(args.out, "mhc_mix_ab.json", args.config)
     sections = args.sections.split(",")
-    default = getattr(Fusion, SWITCH)
-    bench_gpu.log(what="switch", field=SWITCH)
+    default = {f: getattr(Fusion, f) for f in SWITCHES}
+    bench_gpu.log(what="switch", fields=SWITCHES)
     if "check" in sections:
         check(cfg)
     if "op" in sections:
         op(cfg)
     if "sweep" in sections:
-        (sweep_pre if args.switch == "pre" else sweep)(cfg)
+        if "mix_kernel" in SWITCHES:
+            sweep(cfg)
+        if "pre_kernel" in SWITCHES:
+            sweep_pre(cfg)
+        if "expand_kernel" in SWITCHES:
+            sweep_expand(cfg)
     if "train" in sections:
         model = build(cfg)
         Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
@@ -204,7 +270,8 @@ def main() -> int:
         model = build(cfg)
         Transformer.head_fp32 = False
         train_graph(cfg, model)
-    use_kernel(default)
+    for f, v in default.items():
+        setattr(Fusion, f, v)
     return 0
 
 

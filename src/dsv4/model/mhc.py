@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import hc_mix_kernel, hc_pre_kernel, sinkhorn_kernel
+from . import hc_expand_kernel, hc_mix_kernel, hc_pre_kernel, sinkhorn_kernel
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -60,7 +60,10 @@ def hc_collapse(h: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
 
 
 def hc_expand(y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """h'_k = post_k · y + Σ_j comb[j, k] · h_j   (y [b,s,D], h [b,s,n,D]) -> [b, s, n, D]."""
+    """h'_k = post_k · y + Σ_j comb[j, k] · h_j   (y [b,s,D], h [b,s,n,D]) -> [b, s, n, D]. By one Triton kernel
+    per direction where `Fusion.expand_kernel` and the kernel supports the call (`hc_expand_kernel`)."""
+    if Fusion.expand_kernel and hc_expand_kernel.supported(y, h):
+        return hc_expand_kernel.hc_expand(y, h, post, comb)
     if torch.compiler.is_compiling():
         # inductor fuses this broadcast product and its sum over j into the pointwise kernel around it; the einsum
         # would become a batched GEMM of [n, n] by [n, D] per token (cuBLAS: ~0.2 ms per call at b2×4096)
@@ -99,10 +102,12 @@ class Fusion:
     (2.1 vs 1.7 ms; inductor fuses the copy and norm into its neighbours) and training within noise.
     `pre_kernel`: the whole of `hc_pre` (mixes, maps, Sinkhorn, collapse) by one Triton kernel per direction
     (`hc_pre_kernel`; tensor-core products at fp32 precision), its own switch too; off until an A/B on a GPU
-    (`benchmarks/mhc_mix_ab.py --sections pre_op,pre_train`) says it pays."""
+    (`benchmarks/mhc_mix_ab.py --switch pre`) says it pays. `expand_kernel`: `hc_expand` by one Triton kernel
+    per direction (`hc_expand_kernel`), likewise opt-in until measured (`--switch expand`)."""
     enabled = True
     mix_kernel = False
     pre_kernel = False
+    expand_kernel = False
 
 
 def fused(fn: Callable) -> Callable:
