@@ -110,18 +110,16 @@ if triton is not None:
         acc_c = tl.zeros([BM, NC], dtype=tl.float32)
         acc_p = tl.zeros([BM, NPP], dtype=tl.float32)
         ss = tl.zeros([BM], dtype=tl.float32)
-        for i in tl.static_range(N):
-            for d0 in range(0, D, BD):
-                ds = d0 + tl.arange(0, BD)
-                d_ok = ds < D
-                ks = i * D + ds
-                x = tl.load(H + rows[:, None] * K + ks[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.)
-                x = x.to(tl.float32)
-                wc = tl.load(W + cc[None, :] * K + ks[:, None], mask=d_ok[:, None], other=0.)          # [BD, NC]
-                wp = tl.load(W + (NC + cp)[None, :] * K + ks[:, None], mask=d_ok[:, None], other=0.)   # [BD, NPP]
-                ss += tl.sum(x * x, axis=1)
-                acc_c += tl.dot(x, wc, input_precision=PREC)
-                acc_p += tl.dot(x, wp, input_precision=PREC)
+        for k0 in range(0, K, BD):                   # over the flattened streams: one loop to pipeline
+            ks = k0 + tl.arange(0, BD)
+            k_ok = ks < K
+            x = tl.load(H + rows[:, None] * K + ks[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.)
+            x = x.to(tl.float32)
+            wc = tl.load(W + cc[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)              # [BD, NC]
+            wp = tl.load(W + (NC + cp)[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)       # [BD, NPP]
+            ss += tl.sum(x * x, axis=1)
+            acc_c += tl.dot(x, wc, input_precision=PREC)
+            acc_p += tl.dot(x, wp, input_precision=PREC)
         r = 1.0 / tl.sqrt(ss / K + eps)
         mix_c, mix_p = acc_c * r[:, None], acc_p * r[:, None]
         tl.store(MIX + rows[:, None] * NW + cc[None, :], mix_c, mask=r_ok[:, None])
