@@ -29,6 +29,7 @@ Opt-in (`mhc.Fusion.pre_kernel`) until measured on a GPU.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .fp32_linear import mm_few_rows
 from .indexer_kernel import available, triton
@@ -60,7 +61,6 @@ def _padded(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int):
     """fn [n_maps, K], base [n_maps], scale [3] -> W [NW, K], BASE [NW], SCALE [NW] in the padded columns, by
     differentiable slicing and padding (autograd takes the op's gradients of these back to fn, base, scale)."""
     np4, npp = _sizes(n)
-    F = torch.nn.functional
 
     def cols(t: torch.Tensor) -> torch.Tensor:                    # [n_maps, ...] -> [NW, ...]
         rest = t.shape[1:]
