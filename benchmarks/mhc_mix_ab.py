@@ -221,11 +221,11 @@ def train(cfg, model, deadline) -> None:
     ab_train(cfg, model, deadline, [((lambda on=on: use_kernel(on)), dict(kernel=on)) for on in (False, True) * 2])
 
 
-def train_graph(cfg, model) -> None:
+def train_graph(cfg, model, each: bool = True) -> None:
     peak = bench_gpu.matmul_peak()
     for blk in list(model.layers) + list(model.mtp):          # as `dsv4 train --compile` does
         blk.compile()
-    variants = [()] + ([(f,) for f in SWITCHES] if len(SWITCHES) > 1 else []) + [tuple(SWITCHES)]
+    variants = [()] + ([(f,) for f in SWITCHES] if each and len(SWITCHES) > 1 else []) + [tuple(SWITCHES)]
     for fields in variants:
         use_kernel(bool(fields), fields)                       # dynamo reset: the blocks are traced anew
         bench_gpu.bench_train(cfg, model, peak, f"compiled blocks, CUDA graph, on: {'+'.join(fields) or 'none'}",
@@ -238,6 +238,8 @@ def main() -> int:
     ap.add_argument("--config", default=str(HERE / "bench_small.json"))
     ap.add_argument("--sections", default="check,op,sweep,train")
     ap.add_argument("--budget-s", type=float, default=300)
+    ap.add_argument("--no-each", action="store_true",
+                    help="train_graph: only all switches off and all on (each alone is skipped: ~2 min per row)")
     ap.add_argument("--switch", default="mix",
                     help="the fused paths the sections turn on and off together, comma-separated: mix, pre, "
                          "expand (Fusion.<name>_kernel)")
@@ -269,7 +271,7 @@ def main() -> int:
     if "train_graph" in sections:
         model = build(cfg)
         Transformer.head_fp32 = False
-        train_graph(cfg, model)
+        train_graph(cfg, model, each=not args.no_each)
     for f, v in default.items():
         setattr(Fusion, f, v)
     return 0
