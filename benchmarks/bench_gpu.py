@@ -37,6 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from dsv4.compiling import compile_blocks  # noqa: E402
 from dsv4.config import load_config, param_counts  # noqa: E402
 from dsv4.inference.generate import generate, generate_stream, prefill  # noqa: E402
 from dsv4.inference.kv import kv_report  # noqa: E402
@@ -403,12 +404,9 @@ def main() -> int:
         if "prefill" in sections and time.time() < deadline:
             bench_prefill(cfg, model, args.max_context, deadline)
         if "compile" in sections and time.time() < deadline:
-            from torch import _dynamo
-            _dynamo.config.cache_size_limit = 64
             ids = torch.randint(0, cfg.vocab_size, (1, 4096), device="cuda")
             eager = loss_and_grads(model, ids)
-            for blk in list(model.layers) + list(model.mtp):       # as `dsv4 train --compile` does
-                blk.compile()
+            compile_blocks(model)                                  # as `dsv4 train --compile` does
             t = time.time()
             comp = loss_and_grads(model, ids)
             log(what="compile_check", loss_eager=eager[0], loss_compiled=comp[0],

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+from dsv4.compiling import compile_blocks  # noqa: E402
 from dsv4.config import load_config  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
 
@@ -61,9 +62,7 @@ def main() -> int:
     loss16, g16 = step(model, ids)
     model.float()                          # exact: the fp32 runs use the same bf16-rounded weights
     loss32, g32 = step(model, ids)
-    torch._dynamo.config.recompile_limit = 64
-    for blk in list(model.layers) + list(model.mtp):
-        blk.compile()
+    compile_blocks(model)
     t = time.time()
     lossc, gc = step(model, ids)
     compile_s = time.time() - t

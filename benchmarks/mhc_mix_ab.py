@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_gpu  # noqa: E402
 from bench_gpu import ab_train, build, grads_rel_diff, log, loss_and_grads, rel_diff, timed  # noqa: E402
+from dsv4.compiling import compile_blocks  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
 from dsv4.model.mhc import Fusion, hc_expand_fast, hc_pre_fast  # noqa: E402
 
@@ -223,8 +224,7 @@ def train(cfg, model, deadline) -> None:
 
 def train_graph(cfg, model, each: bool = True) -> None:
     peak = bench_gpu.matmul_peak()
-    for blk in list(model.layers) + list(model.mtp):          # as `dsv4 train --compile` does
-        blk.compile()
+    compile_blocks(model)                                      # as `dsv4 train --compile` does
     variants = [()] + ([(f,) for f in SWITCHES] if each and len(SWITCHES) > 1 else []) + [tuple(SWITCHES)]
     for fields in variants:
         use_kernel(bool(fields), fields)                       # dynamo reset: the blocks are traced anew

@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from dsv4.compiling import compile_blocks  # noqa: E402
 from dsv4.config import load_config  # noqa: E402
 from dsv4.inference.generate import generate, generate_stream  # noqa: E402
 from dsv4.model import Transformer, init_weights  # noqa: E402
@@ -60,9 +61,7 @@ def profile_train(model, out: Path, b: int, s: int, compiled: bool = False, grap
     name = "profile_train" + ("_compiled" if compiled else "") + ("_graph" if graph else "")
     t = time.perf_counter()
     if compiled and model.layers[0]._compiled_call_impl is None:   # as `dsv4 train --compile` does (once)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for blk in list(model.layers) + list(model.mtp):   # the MTP block too, as `dsv4 train --compile` does
-            blk.compile()
+        compile_blocks(model)                            # the MTP block too, as `dsv4 train --compile` does
 
     from bench_gpu import make_loss                      # the loss of the README table's training rows
     loss = make_loss(model, mtp=not full_logits, chunked_loss=not full_logits)

@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..compiling import compile_fn
 from ..model import Transformer
 
 
@@ -97,7 +98,7 @@ class StaticDecoder:
             moe.stacked = st
         step = self.model.decode_step
         if self.compile_step:
-            step = torch.compile(step, dynamic=False)
+            step = compile_fn(step, dynamic=False)
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

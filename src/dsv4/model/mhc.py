@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..compiling import compile_fn
 from . import hc_expand_kernel, hc_mix_kernel, hc_pre_kernel, sinkhorn_kernel
 
 
@@ -124,10 +125,8 @@ def fused(fn: Callable) -> Callable:
         if Fusion.enabled and args[0].is_cuda and not torch.compiler.is_compiling():
             grad = torch.is_grad_enabled()
             if grad not in compiled:
-                # one graph per (grad mode, shape family): training, no-grad prefill at several lengths and
-                # decode at several batches exceed dynamo's default of 8 and would silently fall back to eager
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-                compiled[grad] = torch.compile(fn, dynamic=False if grad else None)
+                # one graph per (grad mode, shape family); compile_fn raises dynamo's recompile limit for them
+                compiled[grad] = compile_fn(fn, dynamic=False if grad else None)
             return compiled[grad](*args, **kwargs)
         return fn(*args, **kwargs)
     run.__name__ = run.__qualname__ = f"fused_{fn.__name__}"

@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..compiling import compile_fn
 from . import indexer_kernel, sparse_attention_bwd, sparse_attention_fwd
 
 try:
@@ -40,7 +41,7 @@ def available(q: torch.Tensor) -> bool:
 def _flex(*args, **kwargs):
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(_fa.flex_attention, dynamic=False)
+        _compiled = compile_fn(_fa.flex_attention, dynamic=False)
     return _compiled(*args, **kwargs)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..compiling import compile_blocks
 from ..config import ModelConfig, load_config
 from ..model import Transformer, init_weights
 from .graphed import GraphError, GraphedStep
@@ -239,10 +240,7 @@ class Trainer:
         if self.dist:
             self._shard()
         if tc.compile and self.device.type == "cuda":
-            # in place (Module.compile), so parameter and checkpoint names stay those of the official layout
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            for blk in list(self.model.layers) + list(self.model.mtp):
-                blk.compile()
+            compile_blocks(self.model)
 
         self.graphed = None
         if tc.cuda_graph and self.device.type == "cuda":
