@@ -110,7 +110,7 @@ def model_equal_with_switch(monkeypatch, switch: str, kernel_module, kernel_fn: 
     assert rel_diff(got, ref) < 1e-5
     assert gref.keys() == ggot.keys()
     for n, g in gref.items():
-        assert rel_diff(ggot[n], g) < 1e-4, n
+        assert rel_diff(ggot[n], g) < 1e-4, (n, rel_diff(ggot[n], g))
 
     class Ran(Exception):
         pass
