@@ -10,6 +10,7 @@ direction (`model/hc_pre_kernel.py`, `Fusion.pre_kernel`: mixes, maps, Sinkhorn,
   op     one compiled hc_pre (maps, Sinkhorn, collapse) forward + backward at b2x4096, streams in bf16 (a bf16
          model) and fp32 (`dsv4 train`: fp32 weights under autocast): ms, and how far apart outputs and
          gradients are; the same for one compiled hc_expand
+  op_profile  the op section's compiled hc_pre, bf16, off and on, under torch.profiler (OUT/op_profile.txt)
   sweep  --switch mix: the mixing kernels alone at b2x4096 (bf16 streams, 24 maps), forward and backward ms
          per tile size (hc_mix_kernel.Config rows x cols), against the PyTorch ops (fp32 copy, cuBLAS GEMM, norm)
          --switch pre: the pre kernels alone at b2x4096 per hc_pre_kernel.Config (rows x cols x precision),
@@ -103,6 +104,37 @@ def op(cfg) -> None:
         names = ("x", "post", "comb", "d_streams", "d_fn")
         log(what="hc_pre_diff", streams=str(dtype).replace("torch.", ""),
             **{f"{k}_rel": rel_diff(a, b) for k, a, b in zip(names, outs[True], outs[False])})
+
+
+def op_profile(cfg, out: str) -> None:
+    """The op section's compiled hc_pre (bf16 streams, b2x4096) forward + backward with the switches on, under
+    torch.profiler: where the time around the kernels goes (the op lost to the PyTorch ops in stop 23 while the
+    kernels alone won). Top GPU kernels -> OUT/op_profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+    n, D = cfg.hc_mult, cfg.hidden_size
+    g = torch.Generator().manual_seed(0)
+    fn = (torch.randn((2 + n) * n, n * D, generator=g) * 0.02).cuda().requires_grad_()
+    base, scale = torch.randn((2 + n) * n, generator=g).cuda(), torch.rand(3, generator=g).cuda()
+    h = torch.randn(2, 4096, n, D, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    lines = []
+    for on in (False, True):
+        use_kernel(on)
+
+        def step():
+            h.grad = fn.grad = None
+            x, post, comb = hc_pre_fast(h, fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+            (x.float().square().mean() + post.square().mean() + comb.square().mean()).backward()
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        lines += [f"== kernel {on} (5 steps)", prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
+                                                                        max_name_column_width=70)]
+    Path(out, "op_profile.txt").write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 def expand_op(cfg, dtype, g) -> None:
@@ -257,6 +289,8 @@ def main() -> int:
         check(cfg)
     if "op" in sections:
         op(cfg)
+    if "op_profile" in sections:
+        op_profile(cfg, args.out)
     if "sweep" in sections:
         if "mix_kernel" in SWITCHES:
             sweep(cfg)
