@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from dsv4.compiling import compile_blocks  # noqa: E402
+from dsv4.model.mhc import fusion_state, set_fusion  # noqa: E402
 from dsv4.config import load_config, param_counts  # noqa: E402
 from dsv4.inference.generate import generate, generate_stream, prefill  # noqa: E402
 from dsv4.inference.kv import kv_report  # noqa: E402
@@ -329,22 +330,6 @@ def bench_decode(cfg, model) -> None:
     log(what="kv_cache", context=ctx, measured_bytes=measured, formula_bytes=formula)
 
 
-def set_fusion(spec: str) -> None:
-    """'name=0|1,…' -> the mhc.Fusion switches (an unknown name is an error, not a silent no-op)."""
-    from dsv4.model.mhc import Fusion
-    for item in filter(None, spec.split(",")):
-        name, _, value = item.partition("=")
-        if name.startswith("_") or not isinstance(getattr(Fusion, name, None), bool) or value not in ("0", "1"):
-            fields = ", ".join(k for k, v in vars(Fusion).items() if isinstance(v, bool))
-            raise SystemExit(f"--fusion: {item!r} is not name=0 or name=1 with name one of: {fields}")
-        setattr(Fusion, name, value == "1")
-
-
-def fusion_state() -> dict:
-    from dsv4.model.mhc import Fusion
-    return {k: v for k, v in vars(Fusion).items() if isinstance(v, bool)}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -355,7 +340,10 @@ def main() -> int:
     ap.add_argument("--fusion", default="", help="mHC fast-path switches set before anything runs, e.g. "
                     "'pre_kernel=1' or 'pre_kernel=1,mix_kernel=0' (fields of dsv4.model.mhc.Fusion)")
     args = ap.parse_args()
-    set_fusion(args.fusion)
+    try:
+        set_fusion(args.fusion)
+    except ValueError as e:
+        ap.error(f"--fusion: {e}")
     t_start = time.time()
     deadline = t_start + args.budget_s
     sections = args.sections.split(",")

@@ -374,6 +374,28 @@ def test_dsv4_train_command(tmp_path, shards, capsys):
     assert "bogus" in capsys.readouterr().err
 
 
+def test_fusion_switches_from_the_command_line(tmp_path, shards, capsys, monkeypatch):
+    """--fusion sets mhc.Fusion's switches before training (and says so); a bad item is exit 2 naming the
+    switches, with nothing set."""
+    from dsv4.cli import main
+    from dsv4.model.mhc import Fusion, set_fusion
+    for name in ("pre_kernel", "expand_kernel", "mix_kernel"):
+        monkeypatch.setattr(Fusion, name, False)                          # restored after the test
+    assert main(["train", "--fusion", "pre_kernel=1,expand_kernel=2"]) == 2
+    err = capsys.readouterr().err
+    assert "expand_kernel=2" in err and "pre_kernel" in err and "mix_kernel" in err
+    assert not Fusion.pre_kernel                                          # all or nothing
+    with pytest.raises(ValueError, match="prekernel"):
+        set_fusion("prekernel=1")
+    args = ["train", "--preset", "tiny", "--steps", "1", "--batch", "2", "--seq", "16", "--out", str(tmp_path),
+            "--save-every", "0", "--eval-every", "0", "--no-progress", "--fusion", "pre_kernel=1,expand_kernel=1",
+            "--set", f"data_dir={shards}", "--set", "data_limit_mb=0.4", "--set", "val_fraction=0.05"]
+    assert main(args) == 0
+    assert Fusion.pre_kernel and Fusion.expand_kernel and not Fusion.mix_kernel
+    assert "mHC switches:" in capsys.readouterr().out
+    assert set_fusion("pre_kernel=0")["pre_kernel"] is False
+
+
 def test_graphed_step_warms_up_and_captures_one_layout(monkeypatch):
     """Compiled blocks guard on strides: a GraphedStep's eager warm-up calls must see the layout its capture
     sees (contiguous clones), also when the caller passes strided views such as ids[:, :-1] of a batch —

@@ -111,6 +111,27 @@ class Fusion:
     expand_kernel = False
 
 
+def fusion_state() -> dict[str, bool]:
+    """Fusion's switches by name, as they are now (benchmarks record them beside their numbers)."""
+    return {k: v for k, v in vars(Fusion).items() if not k.startswith("_") and isinstance(v, bool)}
+
+
+def set_fusion(spec: str) -> dict[str, bool]:
+    """'name=0|1,…' (e.g. 'pre_kernel=1,expand_kernel=1') -> sets those Fusion switches and returns them all.
+    Anything else is a ValueError naming the item and the switches, never a silent no-op. Set before the first
+    step: compiled graphs keep the switches they were traced with."""
+    fields = fusion_state()
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    for item in items:
+        name, _, value = item.partition("=")
+        if name.strip() not in fields or value.strip() not in ("0", "1"):
+            raise ValueError(f"{item!r} is not name=0 or name=1 with name one of: {', '.join(fields)}")
+    for item in items:
+        name, _, value = item.partition("=")
+        setattr(Fusion, name.strip(), value.strip() == "1")
+    return fusion_state()
+
+
 def fused(fn: Callable) -> Callable:
     """fn, compiled on CUDA: with static shapes where autograd records (training sees a handful of shapes: each
     sequence length L for the blocks and L−1 for MTP), with dynamic shapes otherwise (prefill at any prompt
