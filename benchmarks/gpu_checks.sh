@@ -9,8 +9,10 @@
 #   pre      the opt-in fused mHC kernels (hc_pre_kernel, hc_expand_kernel; stop 22, never run on a GPU yet):
 #            their CUDA tests, then mhc_mix_ab.py --switch pre,expand: fp32 model check, compiled hc_pre and
 #            hc_expand off/on, tile sweeps                                                    (~5 min)
-#   pretrain the same switches on the README's headline row: compiled blocks + CUDA graph with none, each
-#            alone and both, one process (mhc_mix_ab.py --switch pre,expand --sections train_graph)   (~8 min, alone)
+#   pretrain the same switches on the README's headline row: compiled blocks + CUDA graph with none and both,
+#            b1 and b2, one process (mhc_mix_ab.py --switch pre,expand --sections train_graph --no-each; stop 23
+#            got b1 86.6K -> 90.5K tok/s on an H200 and ran out of time in the b2 row with them on)  (~6 min, alone)
+#   (train)  TRAIN_FUSION="pre_kernel=1,expand_kernel=1" runs `dsv4 train` with those switches (--fusion)
 #   ops      which source lines issue the step's dtype copies, cats and multiplies (op_sources.py)   (~1 min)
 #   compile  compiled blocks (`dsv4 train --compile`) with the Triton attention forward: gradients against
 #            eager by name, tok/s, and replayed from a CUDA graph at b1 and b2 (bench_gpu.py --sections
@@ -82,7 +84,7 @@ want pre && step pre_ab 240 python3 benchmarks/mhc_mix_ab.py --out "$OUT" --swit
     --sections check,op,sweep --budget-s 200
 want pre && grep '^{' "$OUT/pre_ab.log" | cut -c1-240
 want pretrain && step pre_train 560 python3 benchmarks/mhc_mix_ab.py --out "$OUT/pretrain" --switch pre,expand \
-    --sections train_graph --budget-s 540
+    --sections train_graph --no-each --budget-s 540
 want pretrain && grep '^{' "$OUT/pre_train.log" | cut -c1-240
 
 # 3. dsv4 train end to end on the small preset (bytes tokenizer: no download), eager then --cuda-graph
@@ -91,7 +93,7 @@ want train && for mode in ${TRAIN_MODES:-eager graph}; do      # eager graph com
                   compile-graph) flag="--compile --cuda-graph";; esac
     limit=90; [[ $mode == compile* ]] && limit=220                  # the blocks compile first (~1-2 min)
     step "train_$mode" $limit python3 -m dsv4 train --preset small --tokenizer bytes --steps 40 --batch 8 --seq 1024 \
-        --no-progress --eval-every 0 --save-every 0 --out "/tmp/dsv4_train_$mode" $flag
+        --no-progress --eval-every 0 --save-every 0 --out "/tmp/dsv4_train_$mode" $flag --fusion "${TRAIN_FUSION:-}"
     cp "/tmp/dsv4_train_$mode/log.jsonl" "$OUT/train_$mode.jsonl" 2>/dev/null
     tail -n 1 "$OUT/train_$mode.jsonl" 2>/dev/null | cut -c1-240
 done
