@@ -69,11 +69,25 @@ def check(cfg) -> None:
     torch.cuda.empty_cache()
 
 
+def pre_maps(cfg, g: torch.Generator):
+    """The op sections' mHC map parameters on CUDA: fn [(2+n)·n, n·D] (with grad), base, scale."""
+    n, D = cfg.hc_mult, cfg.hidden_size
+    fn = (torch.randn((2 + n) * n, n * D, generator=g) * 0.02).cuda().requires_grad_()
+    return fn, torch.randn((2 + n) * n, generator=g).cuda(), torch.rand(3, generator=g).cuda()
+
+
+def pre_step(cfg, h, fn, base, scale):
+    """One compiled hc_pre forward + backward of a loss over all three outputs, gradients fresh -> outputs."""
+    h.grad = fn.grad = None
+    x, post, comb = hc_pre_fast(h, fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+    (x.float().square().mean() + post.square().mean() + comb.square().mean()).backward()
+    return x, post, comb
+
+
 def op(cfg) -> None:
     n, D = cfg.hc_mult, cfg.hidden_size
     g = torch.Generator().manual_seed(0)
-    fn = (torch.randn((2 + n) * n, n * D, generator=g) * 0.02).cuda().requires_grad_()
-    base, scale = torch.randn((2 + n) * n, generator=g).cuda(), torch.rand(3, generator=g).cuda()
+    fn, base, scale = pre_maps(cfg, g)
     for dtype in (torch.bfloat16, torch.float32):
         if "expand_kernel" in SWITCHES:
             expand_op(cfg, dtype, g)
@@ -84,23 +98,12 @@ def op(cfg) -> None:
         for on in (False, True):
             use_kernel(on)
             h = h0.clone().requires_grad_()
-
-            def step():
-                x, post, comb = hc_pre_fast(h, fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
-                (x.float().square().mean() + post.square().mean() + comb.square().mean()).backward()
-                return x, post, comb
             for _ in range(2):
-                h.grad = fn.grad = None
-                step()
-            h.grad = fn.grad = None
-            x, post, comb = step()
+                pre_step(cfg, h, fn, base, scale)
+            x, post, comb = pre_step(cfg, h, fn, base, scale)
             outs[on] = (x.detach(), post.detach(), comb.detach(), h.grad.clone(), fn.grad.clone())
-
-            def again():
-                h.grad = fn.grad = None
-                step()
             log(what="hc_pre", streams=str(dtype).replace("torch.", ""), kernel=on, batch=2, seq=4096,
-                ms=timed(again, 5) * 1e3)
+                ms=timed(lambda: pre_step(cfg, h, fn, base, scale), 5) * 1e3)
         names = ("x", "post", "comb", "d_streams", "d_fn")
         log(what="hc_pre_diff", streams=str(dtype).replace("torch.", ""),
             **{f"{k}_rel": rel_diff(a, b) for k, a, b in zip(names, outs[True], outs[False])})
@@ -113,23 +116,17 @@ def op_profile(cfg, out: str) -> None:
     from torch.profiler import ProfilerActivity, profile
     n, D = cfg.hc_mult, cfg.hidden_size
     g = torch.Generator().manual_seed(0)
-    fn = (torch.randn((2 + n) * n, n * D, generator=g) * 0.02).cuda().requires_grad_()
-    base, scale = torch.randn((2 + n) * n, generator=g).cuda(), torch.rand(3, generator=g).cuda()
+    fn, base, scale = pre_maps(cfg, g)
     h = torch.randn(2, 4096, n, D, generator=g).to("cuda", torch.bfloat16).requires_grad_()
     lines = []
     for on in (False, True):
         use_kernel(on)
-
-        def step():
-            h.grad = fn.grad = None
-            x, post, comb = hc_pre_fast(h, fn, base, scale, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
-            (x.float().square().mean() + post.square().mean() + comb.square().mean()).backward()
         for _ in range(3):
-            step()
+            pre_step(cfg, h, fn, base, scale)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                step()
+                pre_step(cfg, h, fn, base, scale)
             torch.cuda.synchronize()
         lines += [f"== kernel {on} (5 steps)", prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
                                                                         max_name_column_width=70)]

@@ -28,5 +28,5 @@ def compile_blocks(model: torch.nn.Module) -> None:
     """Compile every transformer block and MTP block in place (`Module.compile`), as `dsv4 train --compile`
     does: parameter and checkpoint names stay those of the official layout."""
     raise_recompile_limit()
-    for blk in list(model.layers) + list(getattr(model, "mtp", [])):
+    for blk in list(model.layers) + list(model.mtp):
         blk.compile()

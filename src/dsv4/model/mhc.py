@@ -121,14 +121,14 @@ def set_fusion(spec: str) -> dict[str, bool]:
     Anything else is a ValueError naming the item and the switches, never a silent no-op. Set before the first
     step: compiled graphs keep the switches they were traced with."""
     fields = fusion_state()
-    items = [item.strip() for item in spec.split(",") if item.strip()]
-    for item in items:
-        name, _, value = item.partition("=")
-        if name.strip() not in fields or value.strip() not in ("0", "1"):
+    wanted = {}
+    for item in filter(None, (item.strip() for item in spec.split(","))):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in fields or value not in ("0", "1"):
             raise ValueError(f"{item!r} is not name=0 or name=1 with name one of: {', '.join(fields)}")
-    for item in items:
-        name, _, value = item.partition("=")
-        setattr(Fusion, name.strip(), value.strip() == "1")
+        wanted[name] = value == "1"
+    for name, on in wanted.items():                  # all checked first: a bad item sets nothing
+        setattr(Fusion, name, on)
     return fusion_state()
 
 
