@@ -12,6 +12,7 @@
 #   pretrain the same switches on the README's headline row: compiled blocks + CUDA graph with none and both,
 #            b1 and b2, one process (mhc_mix_ab.py --switch pre,expand --sections train_graph --no-each; stop 23
 #            got b1 86.6K -> 90.5K tok/s on an H200 and ran out of time in the b2 row with them on)  (~6 min, alone)
+#            (PRETRAIN_BATCHES="2": the b2 row alone, ~3.5 min)
 #   (train)  TRAIN_FUSION="pre_kernel=1,expand_kernel=1" runs `dsv4 train` with those switches (--fusion)
 #   ops      which source lines issue the step's dtype copies, cats and multiplies (op_sources.py)   (~1 min)
 #   compile  compiled blocks (`dsv4 train --compile`) with the Triton attention forward: gradients against
@@ -84,7 +85,7 @@ want pre && step pre_ab 240 python3 benchmarks/mhc_mix_ab.py --out "$OUT" --swit
     --sections check,op,sweep --budget-s 200
 want pre && grep '^{' "$OUT/pre_ab.log" | cut -c1-240
 want pretrain && step pre_train 560 python3 benchmarks/mhc_mix_ab.py --out "$OUT/pretrain" --switch pre,expand \
-    --sections train_graph --no-each --budget-s 540
+    --sections train_graph --no-each --budget-s 540 --batches "${PRETRAIN_BATCHES:-1,2}"
 want pretrain && grep '^{' "$OUT/pre_train.log" | cut -c1-240
 
 # 3. dsv4 train end to end on the small preset (bytes tokenizer: no download), eager then --cuda-graph

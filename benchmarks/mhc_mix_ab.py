@@ -269,6 +269,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=300)
     ap.add_argument("--no-each", action="store_true",
                     help="train_graph: only all switches off and all on (each alone is skipped: ~2 min per row)")
+    ap.add_argument("--batches", default="1,2",
+                    help="train sections: the batch sizes of the rows, comma-separated (4096 tokens each)")
     ap.add_argument("--switch", default="mix",
                     help="the fused paths the sections turn on and off together, comma-separated: mix, pre, "
                          "expand (Fusion.<name>_kernel)")
@@ -277,6 +279,7 @@ def main() -> int:
     for f in SWITCHES:
         if not isinstance(getattr(Fusion, f, None), bool):
             ap.error(f"--switch: no Fusion.{f}")
+    bench_gpu.TRAIN_SHAPES[:] = [(int(b), 4096) for b in args.batches.split(",")]
     deadline = time.time() + args.budget_s
     cfg = bench_gpu.start_results(args.out, "mhc_mix_ab.json", args.config)
     sections = args.sections.split(",")
