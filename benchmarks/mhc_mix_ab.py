@@ -280,6 +280,8 @@ def main() -> int:
         if not isinstance(getattr(Fusion, f, None), bool):
             ap.error(f"--switch: no Fusion.{f}")
     bench_gpu.TRAIN_SHAPES[:] = [(int(b), 4096) for b in args.batches.split(",")]
+    if "mix_kernel" in SWITCHES and "pre_kernel" not in SWITCHES:
+        Fusion.pre_kernel = False                 # the mixing kernel serves hc_pre only without the whole-pre kernel
     deadline = time.time() + args.budget_s
     cfg = bench_gpu.start_results(args.out, "mhc_mix_ab.json", args.config)
     sections = args.sections.split(",")

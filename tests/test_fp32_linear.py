@@ -91,3 +91,28 @@ def test_mm_few_rows_has_fp32_precision(device):
         assert got.dtype == torch.float32 and got.shape == (24, 96)
         assert float((got.double() - ref).norm() / ref.norm()) < 1e-6
     assert float((a.bfloat16().double() @ b.double() - ref).norm() / ref.norm()) > 1e-4
+
+
+@pytest.mark.skipif(DEVICES[-1] != "cuda", reason="the fp32-output bf16 GEMM runs on CUDA only")
+def test_fp32_linear_compiles_in_one_graph():
+    """Inside torch.compile the projection (and its backward, which dynamo traces with it) is one graph with
+    the same values and gradients as eager; addmm32_ keeps its beta semantics there (NaN in acc ignored at beta
+    0). torch 2.11 broke the graph at the fp32-output addmm (`got multiple values for argument 'beta'`)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 64, 256, generator=g).bfloat16().cuda().requires_grad_()
+    w = (torch.randn(96, 256, generator=g) / 16).bfloat16().cuda().requires_grad_()
+    up = torch.randn(2, 64, 96, generator=g).cuda()
+    loss = lambda x, w: (fl.fp32_linear(x, w) * up).sum()          # noqa: E731
+    x2, w2 = (t.detach().clone().requires_grad_() for t in (x, w))
+    loss(x, w).backward()
+    torch.compile(loss, fullgraph=True)(x2, w2).backward()
+    assert torch.allclose(x2.grad.float(), x.grad.float(), rtol=1e-2, atol=1e-3)
+    assert torch.allclose(w2.grad.float(), w.grad.float(), rtol=1e-2, atol=1e-3)
+    a, b = (torch.randn(*s, generator=g).bfloat16().cuda() for s in ((128, 300), (300, 80)))
+    start = torch.randn(128, 80, generator=g).cuda()
+    for beta in (0.0, 1.0, 0.5):
+        acc0 = torch.full_like(start, float("nan")) if beta == 0 else start
+        got = torch.compile(fl.addmm32_, fullgraph=True)(acc0.clone(), a, b, beta)
+        ref = (0 if beta == 0 else beta * start.double()) + a.double() @ b.double()
+        assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-6, beta

@@ -48,7 +48,9 @@ def test_mixes_and_gradients_equal_reference(dtype, M, K, N):
 @runs_here
 def test_model_with_mix_kernel_equals_reference(monkeypatch):
     """Whole model (every sublayer's hc_pre and the final hc_head): logits and every gradient equal with the
-    kernel on and off (fp32), and the kernel really runs; the compiled case has its own test below."""
+    kernel on and off (fp32), and the kernel really runs; the compiled case has its own test below. (The mix
+    kernel serves hc_pre only while the whole-pre kernel is off.)"""
+    monkeypatch.setattr(Fusion, "pre_kernel", False)
     gref = model_equal_with_switch(monkeypatch, "mix_kernel", hc_mix_kernel, "mixes", DEV)
     assert any("hc_attn_fn" in n for n in gref) and "hc_head_fn" in gref
 
@@ -57,6 +59,7 @@ def test_model_with_mix_kernel_equals_reference(monkeypatch):
 def test_mix_kernel_inside_torch_compile(monkeypatch):
     """Traced into the compiled hc_pre (as training and the compiled decode step use it), forward and backward."""
     monkeypatch.setattr(Fusion, "mix_kernel", True)
+    monkeypatch.setattr(Fusion, "pre_kernel", False)                 # (else hc_pre takes the whole-pre kernel)
     g = torch.Generator().manual_seed(5)
     h = torch.randn(2, 40, 4, 64, generator=g).to(DEV).requires_grad_()
     fn, base, scale = (torch.randn(24, 256, generator=g) * 0.1).to(DEV), torch.randn(24).to(DEV), torch.rand(3).to(DEV)

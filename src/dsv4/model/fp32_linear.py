@@ -57,6 +57,12 @@ def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 
     CUDA (no [M, N] temporary and no separate addition), an fp32 GEMM for anything else. beta 0 ignores acc's
     contents (torch.empty is fine)."""
     if _fp32_out_gemm(a, b, torch.ops.aten.addmm):
+        if torch.compiler.is_compiling():
+            # traced: the GEMM, then the addition. torch 2.11's tracing of the fp32-output addmm passes out_dtype
+            # where beta goes (`addmm() got multiple values for argument 'beta'`: a graph break at every fp32
+            # projection of the compiled blocks), and Inductor splits an addmm into these two anyway
+            prod = torch.mm(a, b, out_dtype=torch.float32)
+            return acc.copy_(prod) if beta == 0 else (acc.add_(prod) if beta == 1 else acc.mul_(beta).add_(prod))
         return torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
     return acc.addmm_(a.float(), b.float(), beta=beta)
 
