@@ -102,3 +102,29 @@ def test_pre_kernels_compile_for_hopper(h_dtype):
         ptr = dict(f32, **{name: h_dtype for name in streams})
         shared = compile_for_hopper(kernel, consts, ptr, floats=floats, num_warps=k.Config.warps)
         assert shared <= 227 * 1024, (kernel, shared)
+
+
+def test_kernels_serve_autograd_only(monkeypatch):
+    """With the switches on, hc_pre and hc_expand take their kernels under autograd (training) and the PyTorch
+    ops without it (prefill, decode: the kernel's forward alone was the slower one on an H200)."""
+    from dsv4.model import hc_expand_kernel
+
+    class Ran(Exception):
+        pass
+
+    def stand_in(*args, **kwargs):
+        raise Ran
+    for module, fn in ((hc_pre_kernel, "hc_pre"), (hc_expand_kernel, "hc_expand")):
+        monkeypatch.setattr(module, "supported", lambda *a: True)
+        monkeypatch.setattr(module, fn, stand_in)
+    monkeypatch.setattr(mhc.Fusion, "pre_kernel", True)
+    monkeypatch.setattr(mhc.Fusion, "expand_kernel", True)
+    h, y = torch.randn(1, 3, 4, 8), torch.randn(1, 3, 8)
+    fn, base, scale = torch.randn(24, 32) * 0.1, torch.randn(24), torch.rand(3)
+    with torch.no_grad():
+        x, post, comb = mhc.hc_pre(h, fn, base, scale, 20, 1e-6, 1e-6)
+        assert mhc.hc_expand(y, h, post, comb).shape == h.shape and x.shape == y.shape
+    with pytest.raises(Ran):
+        mhc.hc_pre(h, fn, base, scale, 20, 1e-6, 1e-6)
+    with pytest.raises(Ran):
+        mhc.hc_expand(y, h, post, comb)

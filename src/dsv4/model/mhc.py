@@ -62,8 +62,9 @@ def hc_collapse(h: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
 
 def hc_expand(y: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """h'_k = post_k · y + Σ_j comb[j, k] · h_j   (y [b,s,D], h [b,s,n,D]) -> [b, s, n, D]. By one Triton kernel
-    per direction where `Fusion.expand_kernel` and the kernel supports the call (`hc_expand_kernel`)."""
-    if Fusion.expand_kernel and hc_expand_kernel.supported(y, h):
+    per direction under autograd where `Fusion.expand_kernel` and the kernel supports the call
+    (`hc_expand_kernel`)."""
+    if Fusion.expand_kernel and torch.is_grad_enabled() and hc_expand_kernel.supported(y, h):
         return hc_expand_kernel.hc_expand(y, h, post, comb)
     if torch.compiler.is_compiling():
         # inductor fuses this broadcast product and its sum over j into the pointwise kernel around it; the einsum
@@ -85,8 +86,8 @@ def hc_head(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
 def hc_pre(h: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int, hc_eps: float,
            norm_eps: float, kind: str = "mhc") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hc_maps then hc_collapse: -> sublayer input [b,s,D], post [b,s,n], comb [b,s,n,n]. By one Triton kernel
-    per direction where `Fusion.pre_kernel` and the kernel supports the call (`hc_pre_kernel`)."""
-    if Fusion.pre_kernel and hc_pre_kernel.supported(h, kind):
+    per direction under autograd where `Fusion.pre_kernel` and the kernel supports the call (`hc_pre_kernel`)."""
+    if Fusion.pre_kernel and torch.is_grad_enabled() and hc_pre_kernel.supported(h, kind):
         return hc_pre_kernel.hc_pre(h, fn, base, scale, iters, hc_eps, norm_eps)
     pre, post, comb = hc_maps(h, fn, base, scale, iters, hc_eps, norm_eps, kind)
     return hc_collapse(h, pre), post, comb
@@ -103,9 +104,11 @@ class Fusion:
     (2.1 vs 1.7 ms; inductor fuses the copy and norm into its neighbours) and training within noise.
     `pre_kernel`: the whole of `hc_pre` (mixes, maps, Sinkhorn, collapse) by one Triton kernel per direction
     (`hc_pre_kernel`; tensor-core products at fp32 precision), its own switch too; `expand_kernel`: `hc_expand`
-    by one Triton kernel per direction (`hc_expand_kernel`). Both on where Triton runs (CPU: the PyTorch ops):
-    on an H200 the compiled + CUDA-graph training step at b2×4096 went 100.5K → 106.1K tok/s with them, b1 86.6K
-    → 90.5K (`benchmarks/mhc_mix_ab.py --switch pre,expand --sections train_graph --no-each`)."""
+    by one Triton kernel per direction (`hc_expand_kernel`). Both on under autograd where Triton runs (CPU: the
+    PyTorch ops): on an H200 the compiled + CUDA-graph training step at b2×4096 went 100.5K → 106.1K tok/s with
+    them, b1 86.6K → 90.5K (`benchmarks/mhc_mix_ab.py --switch pre,expand --sections train_graph --no-each`).
+    Without autograd (prefill, decode) the PyTorch ops stay: the pre kernel's forward alone took 0.33 ms against
+    0.26 ms for the compiled PyTorch forward (b2×4096, H200); the gain is in the backward."""
     enabled = True
     mix_kernel = False
     pre_kernel = True
