@@ -29,7 +29,7 @@
 #   attn     the sparse-attention, head-loss and fp32-GEMM tests on CUDA, then the Triton backward per layer
 #            kind and training tok/s with the CSA picks' dK by GEMMs vs atomic adds (fused_attention_ab.py
 #            --sections bwd,train)                                                          (~6 min)
-#   profile  the compiled + CUDA-graph b2x4096 step under torch.profiler (profile_step.py)  (~2 min)
+#   profile  the compiled + CUDA-graph b2x4096 step under torch.profiler (profile_step.py)  (~4 min cold)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
 #            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)
@@ -123,7 +123,7 @@ want attn && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests_attn.log" |
 want attn && step attn_bwd 230 python3 benchmarks/fused_attention_ab.py --out "$OUT" --sections bwd,train \
     --bwd-heads 16 64 --budget-s 200
 want attn && grep '^{' "$OUT/attn_bwd.log" | cut -c1-240
-want profile && step profile 200 python3 benchmarks/profile_step.py --out "$OUT" --what train_compiled_graph --batch 2
+want profile && step profile 330 python3 benchmarks/profile_step.py --out "$OUT" --what train_compiled_graph --batch 2
 want profile && head -3 "$OUT/profile_train_compiled_graph.txt"
 
 # 5b. fp32 and bf16 compiled blocks against eager, gradients per parameter

@@ -8,15 +8,27 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and hasattr(torch.ops
 
 
 def test_three_bf16_pieces_hold_an_fp32_value():
-    """hi + mid + lo gives back every fp32 value (wide exponent range, both signs) to fp32 precision; two pieces
-    would leave errors near 2⁻¹⁶."""
+    """hi + mid + lo gives back every fp32 value (wide exponent range, both signs) exactly; two pieces would
+    leave errors near 2⁻¹⁶."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-60, 60, (4096,), generator=g).float())
     hi, mid, lo = fl._pieces(a)
     assert hi.dtype == mid.dtype == lo.dtype == torch.bfloat16
     err = (hi.double() + mid.double() + lo.double() - a.double()).abs()
-    assert bool((err <= a.double().abs() * 2.0 ** -23).all())
+    assert bool((err == 0).all())
     assert float(((hi.double() + mid.double() - a.double()).abs() / a.double().abs()).max()) > 2.0 ** -20
+
+
+def test_pieces_stay_exact_under_torch_compile():
+    """The split inside a compiled graph (the compiled blocks' backward) is still exact: Inductor drops a
+    bf16 -> fp32 round trip inside a fused kernel, so a split by rounding casts (piece = rest.bfloat16(),
+    rest - piece.float()) compiles to mid = lo = 0, a 4e-3 error; the bit-mask split has none."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-60, 60, (4096,), generator=g).float())
+    hi, mid, lo = torch.compile(fl._pieces, fullgraph=True)(a)
+    assert bool((hi.double() + mid.double() + lo.double() == a.double()).all())
+    assert bool((mid != 0).any())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -107,12 +119,14 @@ def test_fp32_linear_compiles_in_one_graph():
     x2, w2 = (t.detach().clone().requires_grad_() for t in (x, w))
     loss(x, w).backward()
     torch.compile(loss, fullgraph=True)(x2, w2).backward()
-    assert torch.allclose(x2.grad.float(), x.grad.float(), rtol=1e-2, atol=1e-3)
-    assert torch.allclose(w2.grad.float(), w.grad.float(), rtol=1e-2, atol=1e-3)
+    for name, got, want in (("dx", x2.grad, x.grad), ("dW", w2.grad, w.grad)):
+        err = float((got.float() - want.float()).abs().max())
+        assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3), (name, err)
     a, b = (torch.randn(*s, generator=g).bfloat16().cuda() for s in ((128, 300), (300, 80)))
     start = torch.randn(128, 80, generator=g).cuda()
     for beta in (0.0, 1.0, 0.5):
         acc0 = torch.full_like(start, float("nan")) if beta == 0 else start
         got = torch.compile(fl.addmm32_, fullgraph=True)(acc0.clone(), a, b, beta)
         ref = (0 if beta == 0 else beta * start.double()) + a.double() @ b.double()
-        assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-6, beta
+        err = float((got.double() - ref).abs().max() / ref.abs().max())
+        assert err < 1e-6, (beta, err)
