@@ -139,6 +139,11 @@ def make_loss(model, mtp: bool, chunked_loss: bool, recipe: bool = False, indexe
     return loss_of
 
 
+def dynamo_graphs() -> int:
+    """How many graphs dynamo has compiled in this process so far."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = False, graph: bool = False,
                 recipe: bool = False, indexer_weight: float = 1.0) -> None:
     """fwd+bwd tok/s per TRAIN_SHAPES. Loss: cross-entropy over the full logits (as the transformers baseline), or
@@ -167,11 +172,13 @@ def bench_train(cfg, model, peak, label: str, mtp: bool, chunked_loss: bool = Fa
             step()
             step()                                                 # warm-up: compiled mHC pieces settle
             torch.cuda.reset_peak_memory_stats()
+            graphs0 = dynamo_graphs()
             t = timed(step, 3 if graphed is None else 5)           # (graphed: the first timed call captures)
             tok_s = b * s / t
             mfu = tok_s * train_flops_per_token(cfg, s) / peak
+            # graphs dynamo compiled inside the timed steps (a recompile there would be in the number)
             log(what="train", impl=label, mtp=mtp, batch=b, seq=s, s=t, tok_s=tok_s, mfu=mfu,
-                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30, graphs_compiled_timed=dynamo_graphs() - graphs0)
         except torch.OutOfMemoryError:
             log(what="train", impl=label, mtp=mtp, batch=b, seq=s, oom=True)
         del graphed
@@ -404,7 +411,9 @@ def main() -> int:
                 bench_train(cfg, model, peak, "compiled blocks, CUDA graph", mtp=False, chunked_loss=True, graph=True)
                 bench_train(cfg, model, peak, "compiled blocks, CUDA graph, fused head loss", mtp=True,
                             chunked_loss=True, graph=True)
-            log(what="compile_time_s_incl_bench", s=time.time() - t)
+            breaks = torch._dynamo.utils.counters["graph_break"]
+            log(what="compile_time_s_incl_bench", s=time.time() - t, dynamo_graphs=dynamo_graphs(),
+                graph_breaks=sum(breaks.values()), graph_break_reasons=sorted(breaks)[:5])
     finally:
         (out / "dsv4_gpu.json").write_text(json.dumps(RESULTS, indent=1))
     rows = ["| measurement | size | tok/s | peak GiB | note |", "|---|---|---|---|---|"]
