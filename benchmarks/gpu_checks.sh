@@ -6,14 +6,14 @@
 #   train    `dsv4 train` end to end on the small preset, eager and with --cuda-graph     (~3 min)
 #            (TRAIN_MODES="eager graph compile compile-graph" picks; the compile modes ~4 min each)
 #   mhc      the A/B of the opt-in mHC mixing kernel (benchmarks/mhc_mix_ab.py; run 2026-11-23: stays off)
-#   pre      the opt-in fused mHC kernels (hc_pre_kernel, hc_expand_kernel; stop 22, never run on a GPU yet):
+#   pre      the fused mHC kernels (hc_pre_kernel, hc_expand_kernel; on by default under autograd since stop 24):
 #            their CUDA tests, then mhc_mix_ab.py --switch pre,expand: fp32 model check, compiled hc_pre and
 #            hc_expand off/on, tile sweeps                                                    (~5 min)
 #   pretrain the same switches on the README's headline row: compiled blocks + CUDA graph with none and both,
 #            b1 and b2, one process (mhc_mix_ab.py --switch pre,expand --sections train_graph --no-each; stop 23
-#            got b1 86.6K -> 90.5K tok/s on an H200 and ran out of time in the b2 row with them on)  (~6 min, alone)
+#            got b1 86.6K -> 90.5K tok/s on an H200, stop 24 b2 100.5K -> 106.1K)             (~6 min, alone)
 #            (PRETRAIN_BATCHES="2": the b2 row alone, ~3.5 min)
-#   (train)  TRAIN_FUSION="pre_kernel=1,expand_kernel=1" runs `dsv4 train` with those switches (--fusion)
+#   (train)  TRAIN_FUSION="pre_kernel=0,expand_kernel=0" runs `dsv4 train` with those switches (--fusion)
 #   ops      which source lines issue the step's dtype copies, cats and multiplies (op_sources.py)   (~1 min)
 #   compile  compiled blocks (`dsv4 train --compile`) with the Triton attention forward: gradients against
 #            eager by name, tok/s, and replayed from a CUDA graph at b1 and b2 (bench_gpu.py --sections

@@ -7,8 +7,9 @@ y's dtype, as the PyTorch function. Backward, with g = dL/dh', one pass over g, 
 The bytes are what the step must move (forward h, y in and h' out; backward g, h, y in and dh, dy out: ~45 and
 ~70 µs at b2×4096 on an H100's ~3 TB/s); inductor's kernels for it were not measured apart from their
 neighbours. A block of tokens' streams is a [tokens, NP, D-slice] tile (NP = n rounded up to a power of two).
-Registered as torch custom ops (`torch.ops.dsv4.hc_expand`, with autograd). Opt-in (`mhc.Fusion.expand_kernel`)
-until measured on a GPU.
+Registered as torch custom ops (`torch.ops.dsv4.hc_expand`, with autograd). On by default under autograd
+(`mhc.Fusion.expand_kernel`): H200, bf16, b2×4096: 1.07 vs 1.15 ms fwd+bwd against the compiled PyTorch ops, and
+with `hc_pre_kernel` the training step's +5.6% (stop 24).
 """
 from __future__ import annotations
 

@@ -174,7 +174,8 @@ def register(sub) -> None:
                         "replay it, so the CPU no longer paces the GPU's thousands of small kernels; one capture per sequence "
                         "length after 2 eager steps; needs bf16 (the default on a GPU); ignored on the CPU")
     s.add_argument("--fusion", metavar="NAME=0|1,…", default="",
-                   help="mHC fast-path switches (dsv4.model.mhc.Fusion), e.g. pre_kernel=1,expand_kernel=1: the "
-                        "opt-in Triton kernels for the whole mHC pre and expand steps (CUDA; equal results, "
-                        "one A/B on an H200: +4.5%% tok/s at b1x4096 with --compile --cuda-graph)")
+                   help="mHC fast-path switches (dsv4.model.mhc.Fusion), e.g. pre_kernel=0,expand_kernel=0 to turn off "
+                        "the Triton kernels for the whole mHC pre and expand steps (CUDA, on by default under "
+                        "autograd; equal results; H200 A/B: +5.6%% tok/s at b2x4096 with --compile --cuda-graph), "
+                        "or mix_kernel=1 (off by default: no gain in training)")
     s.set_defaults(fn=cmd_train)
