@@ -97,6 +97,11 @@ def profile_train(model, out: Path, b: int, s: int, compiled: bool = False, grap
     with open(out / "train_trace.json", "rb") as f, gzip.open(out / f"{name}_trace.json.gz", "wb") as g:
         g.write(f.read())
     os.remove(out / "train_trace.json")
+    from profile_summary import summarize, table as kinds_table      # the same kernels grouped by kind
+    summary = summarize(out / f"{name}_trace.json.gz")
+    (out / f"{name}_kinds.json").write_text(json.dumps(summary, indent=1))
+    txt = kinds_table(summary) + "\n\n" + txt
+    (out / f"{name}.txt").write_text(txt)
     print(txt[:6000], flush=True)
 
 
