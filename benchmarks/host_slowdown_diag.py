@@ -1,0 +1,112 @@
+"""Why the compiled-blocks training rows without a CUDA graph run 2-3x slower when bench_gpu.py has run its eager
+rows first in the same process (stops 24 and 26: b1 ~22K tok/s, compile 85-91 s) than when it has not (stop 25:
+72.9K, compile 37 s), with no graph compiled inside the timed steps.
+
+    python benchmarks/host_slowdown_diag.py --out DIR
+
+Two subprocesses on the bench config, bf16 (as bench_gpu.py): 'fresh' compiles the blocks straight away,
+'after_eager' first runs bench_gpu's eager training rows (fused head loss, full logits, +MTP; b1 and b2). Each
+then times the compile (first compiled step) and compiled b1 / b2 steps (wall and host CPU seconds per step)
+three ways: as they are, with Python's garbage collector off, and after gc.freeze(). It also records how many
+objects the collector tracks, to test the guess that a larger heap makes every collection dearer.
+Each variant prints JSON lines; all go to DIR/host_slowdown.json."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def emit(**kw) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def one(variant: str) -> None:
+    sys.path.insert(0, str(HERE))
+    import torch
+
+    import bench_gpu as bg
+    from dsv4.compiling import compile_blocks
+    from dsv4.config import load_config
+    from dsv4.model import Transformer
+
+    bg.log = lambda **kw: emit(variant=variant, **kw)          # bench_train's rows as this script's lines
+    cfg = load_config(HERE / "bench_small.json")
+    model = bg.build(cfg)
+    Transformer.head_fp32 = False
+    peak = bg.matmul_peak()
+    if variant == "after_eager":
+        bg.bench_train(cfg, model, peak, "eager", mtp=False, chunked_loss=True)
+        bg.bench_train(cfg, model, peak, "eager, full logits", mtp=False)
+        bg.bench_train(cfg, model, peak, "eager, fused head loss", mtp=True, chunked_loss=True)
+    emit(variant=variant, what="heap_before_compile", gc_objects=len(gc.get_objects()), gc_counts=gc.get_count())
+
+    ids = torch.randint(0, cfg.vocab_size, (1, 4096), device="cuda")
+    compile_blocks(model)
+    t = time.time()
+    bg.loss_and_grads(model, ids)
+    emit(variant=variant, what="compile", s=time.time() - t, gc_objects=len(gc.get_objects()))
+
+    loss_of = bg.make_loss(model, mtp=False, chunked_loss=True)
+    model.train()
+    for mode in ("gc on", "gc off", "gc frozen"):
+        if mode == "gc off":
+            gc.disable()
+        elif mode == "gc frozen":
+            gc.enable()
+            gc.collect()
+            gc.freeze()
+        for b in (1, 2):
+            x = torch.randint(0, cfg.vocab_size, (b, 4097), device="cuda")
+
+            def step():
+                loss_of(x[:, :-1], x[:, 1:])[0].backward()
+                model.zero_grad(set_to_none=True)
+            step()
+            step()
+            collections0 = sum(s["collections"] for s in gc.get_stats())
+            cpu0, graphs0 = time.process_time(), bg.dynamo_graphs()
+            wall = bg.timed(step, 5)
+            emit(variant=variant, what="compiled_step", gc=mode, batch=b, s=wall, tok_s=b * 4096 / wall,
+                 cpu_s_per_step=(time.process_time() - cpu0) / 5,
+                 gc_collections=sum(s["collections"] for s in gc.get_stats()) - collections0,
+                 graphs_compiled=bg.dynamo_graphs() - graphs0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for host_slowdown.json")
+    ap.add_argument("--variant", choices=("fresh", "after_eager"), help="run one variant in this process")
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per variant's subprocess")
+    args = ap.parse_args()
+    if args.variant:
+        one(args.variant)
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for variant in ("fresh", "after_eager"):
+        try:
+            p = subprocess.run([sys.executable, __file__, "--out", str(out), "--variant", variant],
+                               capture_output=True, text=True, timeout=args.timeout)
+            text, rc = p.stdout, p.returncode
+            (out / f"{variant}.err").write_text(p.stderr[-20000:])
+        except subprocess.TimeoutExpired as e:
+            text, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+        for line in text.splitlines():
+            if line.startswith("{"):
+                rows.append(json.loads(line))
+                print(line, flush=True)
+        rows.append({"variant": variant, "what": "exit", "rc": rc})
+        (out / "host_slowdown.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
