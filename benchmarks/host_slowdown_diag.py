@@ -1,6 +1,8 @@
-"""Why the compiled-blocks training rows without a CUDA graph run 2-3x slower when bench_gpu.py has run its eager
-rows first in the same process (stops 24 and 26: b1 ~22K tok/s, compile 85-91 s) than when it has not (stop 25:
-72.9K, compile 37 s), with no graph compiled inside the timed steps.
+"""Why the compiled-blocks training rows without a CUDA graph are bound by the host CPU in some runs (stops 24
+and 26: b1 ~22K tok/s, 0.13-0.19 s per step) and not in another (stop 25: 72.9K, 0.056 s), with no graph compiled
+inside the timed steps. Stop 25 guessed that bench_gpu.py's eager rows, run first in the same process, slow
+what follows; this script's first run (stop 26, 'fresh' only) found the compiled b1 step host-bound at 0.128 s
+without any eager rows before it.
 
     python benchmarks/host_slowdown_diag.py --out DIR
 
@@ -25,6 +27,11 @@ HERE = Path(__file__).resolve().parent
 
 def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
+
+
+def gc_collections() -> int:
+    """Collections Python's garbage collector has run in this process, all generations."""
+    return sum(s["collections"] for s in gc.get_stats())
 
 
 def one(variant: str) -> None:
@@ -70,12 +77,11 @@ def one(variant: str) -> None:
                 model.zero_grad(set_to_none=True)
             step()
             step()
-            collections0 = sum(s["collections"] for s in gc.get_stats())
+            collections0 = gc_collections()
             cpu0, graphs0 = time.process_time(), bg.dynamo_graphs()
             wall = bg.timed(step, 5)
             emit(variant=variant, what="compiled_step", gc=mode, batch=b, s=wall, tok_s=b * 4096 / wall,
-                 cpu_s_per_step=(time.process_time() - cpu0) / 5,
-                 gc_collections=sum(s["collections"] for s in gc.get_stats()) - collections0,
+                 cpu_s_per_step=(time.process_time() - cpu0) / 5, gc_collections=gc_collections() - collections0,
                  graphs_compiled=bg.dynamo_graphs() - graphs0)
 
 
@@ -95,10 +101,11 @@ def main() -> int:
         try:
             p = subprocess.run([sys.executable, __file__, "--out", str(out), "--variant", variant],
                                capture_output=True, text=True, timeout=args.timeout)
-            text, rc = p.stdout, p.returncode
-            (out / f"{variant}.err").write_text(p.stderr[-20000:])
-        except subprocess.TimeoutExpired as e:
-            text, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+            text, err, rc = p.stdout, p.stderr, p.returncode
+        except subprocess.TimeoutExpired as e:              # its output so far (bytes, even with text=True)
+            text, err = (b.decode() if isinstance(b, bytes) else b or "" for b in (e.stdout, e.stderr))
+            rc = "timeout"
+        (out / f"{variant}.err").write_text(err[-20000:])
         for line in text.splitlines():
             if line.startswith("{"):
                 rows.append(json.loads(line))
