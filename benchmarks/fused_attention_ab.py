@@ -143,13 +143,15 @@ TILE_SWEEP = {
     "bwd": [{}, {"walk_block": 32}, {"walk_block": 64}, {"warps": 4}, {"key_block": 64},
             {"token_block": 4}, {"window_warps": 4}, {"warps": 2}, {"walk_block": 32, "warps": 4},
             {"walk_block": 32, "warps": 2}, {"walk_block": 32, "warps": 4, "window_warps": 4}],
-    "fwd": [{}, {"key_block": 16}, {"key_block": 64}, {"warps": 4}, {"warps": 2}, {"key_block": 64, "warps": 4},
-            {"key_block": 16, "warps": 4}],
+    "fwd": [{}, {"key_block": 16}, {"key_block": 64}, {"warps": 8}, {"warps": 2}, {"stages": 1}, {"stages": 2},
+            {"stages": 4}, {"token_block": 2}, {"token_block": 4}, {"token_block": 8}, {"token_block": 2, "block_warps": 4},
+            {"token_block": 4, "block_warps": 16}, {"token_block": 4, "key_block": 16},
+            {"token_block": 4, "key_block": 64}, {"token_block": 8, "key_block": 16}, {"token_block": 4, "stages": 2}],
 }
 TILE_CONFIG = {"bwd": sparse_attention_bwd.Config, "fwd": sparse_attention_fwd.Config}
 
 
-def tile_sweep(cfg, h: int) -> None:
+def tile_sweep(cfg, h: int, kernels=("bwd", "fwd")) -> None:
     """The Triton kernels' tile sizes and warps (TILE_SWEEP), per layer kind at b2×4096: ms per call and how
     far each variant's outputs are from the defaults' (a tile that does not compile is logged with its error).
     H100, 16 heads (results/2026-11-24_h100_stop18): warps 4 and 32-key steps in the backward's walk won."""
@@ -158,7 +160,8 @@ def tile_sweep(cfg, h: int) -> None:
     for kind, (comp, s_, ratio) in kinds.items():
         fns = {"bwd": lambda: sparse_attention_bwd.backward(q, kv, comp, s_, o, do, lse, sink, W, ratio),
                "fwd": lambda: sparse_attention_fwd.forward(q, kv, 0, 0, comp, s_, sink, W, ratio)}
-        for which, variants in TILE_SWEEP.items():
+        for which in kernels:
+            variants = TILE_SWEEP[which]
             conf, ref = TILE_CONFIG[which], fns[which]()
             for variant in variants:
                 defaults = {f: getattr(conf, f) for f in variant}
@@ -248,6 +251,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--bwd-heads", type=int, nargs="+", default=[16],
                     help="head counts for the bwd and fwd sections (the bench config has 16; V4 has 64 / 128)")
+    ap.add_argument("--tile-kernels", default="bwd,fwd", help="tiles section: which kernels' variants (bwd, fwd)")
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
     cfg = bench_gpu.start_results(args.out, "fused_ab.json", args.config)
@@ -264,7 +268,7 @@ def main() -> int:
             forward_kernels(cfg, h)
     if "tiles" in sections:
         for h in args.bwd_heads:
-            tile_sweep(cfg, h)
+            tile_sweep(cfg, h, args.tile_kernels.split(","))
     if "train" in sections:
         train(cfg, model, deadline)
     if "prefill" in sections:

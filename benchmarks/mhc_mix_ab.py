@@ -13,7 +13,8 @@ direction (`model/hc_pre_kernel.py`, `Fusion.pre_kernel`: mixes, maps, Sinkhorn,
   op_profile  the op section's compiled hc_pre, bf16, off and on, under torch.profiler (OUT/op_profile.txt)
   sweep  --switch mix: the mixing kernels alone at b2x4096 (bf16 streams, 24 maps), forward and backward ms
          per tile size (hc_mix_kernel.Config rows x cols), against the PyTorch ops (fp32 copy, cuBLAS GEMM, norm)
-         --switch pre: the pre kernels alone at b2x4096 per hc_pre_kernel.Config (rows x cols x precision),
+         --switch pre: the pre kernels alone at b2x4096 per hc_pre_kernel.Config (rows x warps x pipelining
+         stages, and the forward's first pass split over programs),
          forward and backward ms, against the compiled PyTorch hc_pre split the same way;
          --switch expand: the expand kernels alone per hc_expand_kernel.Config (rows x cols), likewise
   train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss, bf16 model), the switch off vs on
@@ -208,21 +209,30 @@ def sweep_pre(cfg) -> None:
     h2 = h.flatten(2).flatten(0, 1)
     w, bp, sp = hc_pre_kernel._padded(fn, base, scale, n)
     dy, dpost, dcomb = (u.flatten(0, 1) for u in ups)
-    default = (hc_pre_kernel.Config.rows, hc_pre_kernel.Config.cols, hc_pre_kernel.Config.precision)
-    for prec in ("tf32x3", "ieee"):
-        for rows in (16, 32, 64):
-            for cols in (64, 128):
-                hc_pre_kernel.Config.rows, hc_pre_kernel.Config.cols, hc_pre_kernel.Config.precision = rows, cols, prec
-                try:
-                    out = torch.ops.dsv4.hc_pre(h2, w, bp, sp, n, it, eps, neps)
-                    fwd = timed(lambda: torch.ops.dsv4.hc_pre(h2, w, bp, sp, n, it, eps, neps), 5)
-                    bwd = timed(lambda: torch.ops.dsv4.hc_pre_backward(h2, w, bp, sp, out[3], out[4], dy, dpost,
-                                                                         dcomb, n, it, eps), 5)
-                    log(what="pre_kernel", impl="triton", precision=prec, rows=rows, cols=cols, fwd_ms=fwd * 1e3,
-                        bwd_ms=bwd * 1e3)
-                except Exception as e:                  # e.g. out of shared memory at a tile size: the next one
-                    log(what="pre_kernel", impl="triton", precision=prec, rows=rows, cols=cols, error=repr(e)[:300])
-    hc_pre_kernel.Config.rows, hc_pre_kernel.Config.cols, hc_pre_kernel.Config.precision = default
+    conf = hc_pre_kernel.Config
+    fields = ("rows", "cols", "precision", "warps", "stages", "split")
+    default = {f: getattr(conf, f) for f in fields}
+    # the defaults, then (stop 27) rows x warps x pipelining stages, then the forward's pass 1 split over programs
+    # (stop 23 swept rows x cols x precision: 32 x 128, tf32x3)
+    variants = [{}] + [dict(rows=r, warps=w, stages=st) for r in (16, 32, 64) for w in (4, 8) for st in (0, 1, 2, 3)
+                       if (r, w, st) != (32, 4, 0)]
+    variants += [dict(rows=r, split=sp, warps=w) for r in (32, 64) for sp in (2, 4, 8) for w in (4, 8)]
+    ref = torch.ops.dsv4.hc_pre(h2, w, bp, sp, n, it, eps, neps)
+    for variant in variants:
+        for f in fields:
+            setattr(conf, f, variant.get(f, default[f]))
+        try:
+            out = torch.ops.dsv4.hc_pre(h2, w, bp, sp, n, it, eps, neps)
+            rel = max(rel_diff(a, b) for a, b in zip(out[:3], ref[:3]))      # y, post, comb vs the defaults'
+            fwd = timed(lambda: torch.ops.dsv4.hc_pre(h2, w, bp, sp, n, it, eps, neps), 5)
+            bwd = timed(lambda: torch.ops.dsv4.hc_pre_backward(h2, w, bp, sp, out[3], out[4], dy, dpost,
+                                                                 dcomb, n, it, eps), 5)
+            log(what="pre_kernel", impl="triton", **{f: getattr(conf, f) for f in fields}, fwd_ms=fwd * 1e3,
+                bwd_ms=bwd * 1e3, rel=rel)
+        except Exception as e:                          # e.g. out of shared memory at a tile size: the next one
+            log(what="pre_kernel", impl="triton", **{f: getattr(conf, f) for f in fields}, error=repr(e)[:300])
+    for f in fields:
+        setattr(conf, f, default[f])
 
 
 def sweep_expand(cfg) -> None:

@@ -55,6 +55,22 @@ def test_pre_and_gradients_equal_reference(dtype, shape, monkeypatch):
     assert rel_diff(base.grad, ref_in[2].grad) > 1e-2
 
 
+@runs_here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_forward_equals_one_kernel(dtype, monkeypatch):
+    """Config.split: the mixes' products over 4 programs per row block (`_pre_part`), summed by the forward
+    kernel, give the one-kernel results up to summation order, and the split really applies at this width."""
+    (h, fn, base, scale), _ = _inputs(dtype, 1, 37, 4, 64, seed=11)
+    monkeypatch.setattr(hc_pre_kernel.Config, "cols", 32)
+    one = hc_pre_kernel.hc_pre(h, fn, base, scale, 20, 1e-6, 1e-6)
+    monkeypatch.setattr(hc_pre_kernel.Config, "split", 4)
+    assert hc_pre_kernel._split(4 * 64) == 4
+    split = hc_pre_kernel.hc_pre(h, fn, base, scale, 20, 1e-6, 1e-6)
+    for a, b in zip(split, one):
+        assert rel_diff(a, b) < (1e-6 if a.dtype == torch.float32 else 2 ** -7)
+    assert rel_diff(split[2], one[2]) < 1e-6                         # comb (fp32 at either stream dtype)
+
+
 def test_supported_only_where_the_kernel_computes_the_call():
     h = torch.empty(1, 2, 4, 8)
     assert not hc_pre_kernel.supported(h, "hc")                     # unconstrained comb (ablation): no Sinkhorn
@@ -96,11 +112,15 @@ def test_pre_kernels_compile_for_hopper(h_dtype):
     np4, npp = k._sizes(4)
     consts = dict(D=1024, N=4, NP4=np4, NPP=npp, ITERS=20, BM=k.Config.rows, BD=k.Config.cols,
                   PREC=k.Config.precision)
-    f32 = {n: "fp32" for n in ("W", "SCALE", "BASE", "POST", "COMB", "MIX", "RSTD", "DPOST", "DCOMB", "DZ", "DA", "SCR")}
-    for kernel, streams, floats in ((k._pre_fwd, ("H", "Y"), ("eps", "hc_eps")),
-                                    (k._pre_bwd, ("H", "DY", "DH"), ("hc_eps",))):
+    f32 = {n: "fp32" for n in ("W", "SCALE", "BASE", "POST", "COMB", "MIX", "RSTD", "DPOST", "DCOMB", "DZ", "DA", "SCR",
+                               "PART", "SSP")}
+    no_iters = {n: v for n, v in consts.items() if n != "ITERS"}
+    for kernel, c, streams, floats in ((k._pre_fwd, dict(consts, SPLIT=1), ("H", "Y"), ("eps", "hc_eps")),
+                                       (k._pre_fwd, dict(consts, SPLIT=4), ("H", "Y"), ("eps", "hc_eps")),
+                                       (k._pre_part, dict(no_iters, SPLIT=4), ("H",), ()),
+                                       (k._pre_bwd, consts, ("H", "DY", "DH"), ("hc_eps",))):
         ptr = dict(f32, **{name: h_dtype for name in streams})
-        shared = compile_for_hopper(kernel, consts, ptr, floats=floats, num_warps=k.Config.warps)
+        shared = compile_for_hopper(kernel, c, ptr, floats=floats, num_warps=k.Config.warps)
         assert shared <= 227 * 1024, (kernel, shared)
 
 

@@ -22,18 +22,22 @@ def flex_anywhere(monkeypatch):
     yield "cuda" if CUDA else "cpu"
 
 
-@pytest.mark.parametrize("forward", ["flex", "triton"])
+@pytest.mark.parametrize("forward", ["flex", "triton", "triton_blocked"])
 @pytest.mark.parametrize("seq", [37, 90, 300])
 def test_fused_forward_equals_reference(flex_anywhere, monkeypatch, seq, forward):
     """Logits of the whole model (sliding, CSA with binding top-k, HCA layers; random sinks) agree in fp32. 300
     tokens span several query blocks and key blocks, and more compressed entries than a block. 'triton': the
     Triton forward (Forward.triton; one program per token and group of heads over exactly its keys, online
-    softmax, then the sink) instead of FlexAttention, checked to have run in every layer."""
-    monkeypatch.setattr(sparse_attention.Forward, "triton", forward == "triton")
-    if forward == "triton":
+    softmax, then the sink) instead of FlexAttention, checked to have run in every layer. 'triton_blocked': the
+    same with 4 tokens per program (a block that does not divide the lengths; CSA layers in two launches, the
+    picks continuing from the window band's partial state)."""
+    monkeypatch.setattr(sparse_attention.Forward, "triton", forward != "flex")
+    if forward != "flex":
         if not _triton_here():
             pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
         calls = _count_calls(monkeypatch)
+        from dsv4.model import sparse_attention_fwd
+        monkeypatch.setattr(sparse_attention_fwd.Config, "token_block", 4 if forward == "triton_blocked" else 1)
     model = random_tiny(4).float().to(flex_anywhere)
     assert model.cfg.index_topk < seq // 4 and {0, 4}.issubset(model.cfg.compress_ratios)
     ids = torch.randint(0, model.cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(seq)).to(flex_anywhere)
@@ -42,7 +46,7 @@ def test_fused_forward_equals_reference(flex_anywhere, monkeypatch, seq, forward
         ref = model(ids)
         monkeypatch.setattr(Attention, "fused", True)
         out = model(ids)
-    if forward == "triton":
+    if forward != "flex":
         assert len(calls) == model.cfg.num_hidden_layers
     assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
@@ -212,12 +216,16 @@ def _count_calls(monkeypatch) -> list:
     return calls
 
 
-def test_triton_forward_through_the_cache_equals_reference(monkeypatch):
+@pytest.mark.parametrize("token_block", [1, 4])
+def test_triton_forward_through_the_cache_equals_reference(monkeypatch, token_block):
     """Prefill in chunks through the KV cache (Attention.fused_cached): each chunk's queries see the cached tail
     of earlier raw KV (raw_start > 0), the compressed entries of all earlier chunks and their CSA picks; logits
-    equal the reference path's chunk by chunk (fp32, two different sequences in the batch)."""
+    equal the reference path's chunk by chunk (fp32, two different sequences in the batch), with one token per
+    program and with blocks of 4 (10-token chunks: a partial last block)."""
     if not _triton_here():
         pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    from dsv4.model import sparse_attention_fwd
+    monkeypatch.setattr(sparse_attention_fwd.Config, "token_block", token_block)
     dev = "cuda" if CUDA else "cpu"
     calls = _count_calls(monkeypatch)
     m = random_tiny(2).float().to(dev)
@@ -241,11 +249,21 @@ def test_triton_forward_fits_hopper_at_v4_head_counts(heads):
     from dsv4.model import sparse_attention_fwd as saf
     ptr = {n: "bf16" for n in ("Q", "RAW", "COMP", "O")}
     ptr.update({"SINK": "fp32", "LSE": "fp32", "SEL": "i32"})
-    for mode in (0, 1, 2):
-        shared = compile_for_hopper(saf._fwd_kernel, {"H": heads, "HG": saf.Config.head_group, "D": 512,
-                                                      "BN": saf.Config.key_block, "MODE": mode, "IEEE": False},
-                                    ptr, floats=("scale",), num_warps=saf.Config.warps)
-        assert shared <= 227 * 1024, (mode, shared)
+    ptr.update({"PART": "fp32", "PLSE": "fp32"})
+    tb = saf.Config.token_block
+    # (token block, MODE, WINDOW, INIT, FINAL): the launches `forward` makes, at one token per program and at
+    # Config.token_block
+    launches = {(1, mode, True, False, True) for mode in (0, 1, 2)} | {(tb, 0, True, False, True),
+                                                                       (tb, 1, True, False, True)}
+    if tb > 1:
+        launches |= {(tb, 0, True, False, False), (1, 2, False, True, True)}
+    for tb_, mode, window, init, final in sorted(launches):
+        shared = compile_for_hopper(saf._fwd_kernel, {"H": heads, "HG": saf.Config.head_group, "TB": tb_, "D": 512,
+                                                      "BN": saf.Config.key_block, "MODE": mode, "WINDOW": window,
+                                                      "INIT": init, "FINAL": final, "IEEE": False},
+                                    ptr, floats=("scale",),
+                                    num_warps=saf.Config.warps if tb_ == 1 else saf.Config.block_warps)
+        assert shared <= 227 * 1024, (tb_, mode, shared)
 
 
 def test_triton_forward_and_backward_give_reference_gradients(flex_anywhere, monkeypatch):

@@ -44,6 +44,9 @@ class Config:
     cols = 128              # BD: stream entries per step (H200 sweep, stop 23: bwd 0.58 -> 0.39 ms vs 64)
     precision = "tf32x3"    # the dots' input_precision ("ieee": exact fp32 products on the CUDA cores)
     warps = 4
+    stages = 0              # num_stages of the loops' pipelining (0: Triton's default)
+    split = 1               # forward: pass 1 (the mixes' products) split over this many programs per row block
+                            # (`_pre_part`), the rest reading their partial sums; 1: one kernel
 
 
 def supported(h: torch.Tensor, kind: str) -> bool:
@@ -101,20 +104,16 @@ if triton is not None:
         return rows, r_ok, tl.arange(0, NP4 * NP4), tl.arange(0, NPP), ok3, offs3
 
     @triton.jit
-    def _pre_fwd(H, W, SCALE, BASE, Y, POST, COMB, MIX, RSTD, M, EPS: tl.constexpr, HC_EPS: tl.constexpr,
-                 D: tl.constexpr, N: tl.constexpr, NP4: tl.constexpr, NPP: tl.constexpr, ITERS: tl.constexpr,
-                 BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-        NC: tl.constexpr = NP4 * NP4
-        NW: tl.constexpr = NC + NPP
-        K: tl.constexpr = N * D
-        rows, r_ok, cc, cp, ok3, offs3 = _block(M, N, NP4, NPP, BM)
-        # pass 1: the mixes' products and Σx², one read of the streams
+    def _products(H, W, rows, r_ok, cc, cp, k_lo, k_hi, K: tl.constexpr, NC: tl.constexpr, NPP: tl.constexpr,
+                  BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+        """Over the flattened streams' entries k_lo … k_hi−1 of rows: the mixes' products with the comb block
+        [BM, NC] and the pre/post block [BM, NPP], and Σx² [BM]."""
         acc_c = tl.zeros([BM, NC], dtype=tl.float32)
         acc_p = tl.zeros([BM, NPP], dtype=tl.float32)
         ss = tl.zeros([BM], dtype=tl.float32)
-        for k0 in range(0, K, BD):                   # over the flattened streams: one loop to pipeline
+        for k0 in range(k_lo, k_hi, BD):             # over the flattened streams: one loop to pipeline
             ks = k0 + tl.arange(0, BD)
-            k_ok = ks < K
+            k_ok = ks < k_hi
             x = tl.load(H + rows[:, None] * K + ks[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.)
             x = x.to(tl.float32)
             wc = tl.load(W + cc[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)              # [BD, NC]
@@ -122,6 +121,46 @@ if triton is not None:
             ss += tl.sum(x * x, axis=1)
             acc_c += tl.dot(x, wc, input_precision=PREC)
             acc_p += tl.dot(x, wp, input_precision=PREC)
+        return acc_c, acc_p, ss
+
+    @triton.jit
+    def _pre_part(H, W, PART, SSP, M, D: tl.constexpr, N: tl.constexpr, NP4: tl.constexpr, NPP: tl.constexpr,
+                  SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+        """Pass 1 of _pre_fwd split over SPLIT programs per block of rows (program (i, s): the s-th of SPLIT
+        equal slices of the flattened streams): partial products PART [SPLIT, M, NW] and Σx² SSP [SPLIT, M].
+        More programs in flight than one per 32 tokens (256 at b2×4096) for a pass that is bound by latency."""
+        NC: tl.constexpr = NP4 * NP4
+        NW: tl.constexpr = NC + NPP
+        K: tl.constexpr = N * D
+        KS: tl.constexpr = K // SPLIT
+        rows, r_ok, cc, cp, _, _ = _block(M, N, NP4, NPP, BM)
+        part = tl.program_id(1)
+        acc_c, acc_p, ss = _products(H, W, rows, r_ok, cc, cp, part * KS, part * KS + KS, K, NC, NPP, BM, BD, PREC)
+        prow = (part * M + rows)[:, None] * NW
+        tl.store(PART + prow + cc[None, :], acc_c, mask=r_ok[:, None])
+        tl.store(PART + prow + (NC + cp)[None, :], acc_p, mask=r_ok[:, None])
+        tl.store(SSP + part * M + rows, ss, mask=r_ok)
+
+    @triton.jit
+    def _pre_fwd(H, W, SCALE, BASE, Y, POST, COMB, MIX, RSTD, PART, SSP, M, EPS: tl.constexpr,
+                 HC_EPS: tl.constexpr, D: tl.constexpr, N: tl.constexpr, NP4: tl.constexpr, NPP: tl.constexpr,
+                 ITERS: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+        NC: tl.constexpr = NP4 * NP4
+        NW: tl.constexpr = NC + NPP
+        K: tl.constexpr = N * D
+        rows, r_ok, cc, cp, ok3, offs3 = _block(M, N, NP4, NPP, BM)
+        # pass 1: the mixes' products and Σx², one read of the streams (or the SPLIT partial sums of _pre_part)
+        if SPLIT == 1:
+            acc_c, acc_p, ss = _products(H, W, rows, r_ok, cc, cp, 0, K, K, NC, NPP, BM, BD, PREC)
+        else:
+            acc_c = tl.zeros([BM, NC], dtype=tl.float32)
+            acc_p = tl.zeros([BM, NPP], dtype=tl.float32)
+            ss = tl.zeros([BM], dtype=tl.float32)
+            for part in tl.static_range(SPLIT):
+                prow = (part * M + rows)[:, None] * NW
+                acc_c += tl.load(PART + prow + cc[None, :], mask=r_ok[:, None], other=0.)
+                acc_p += tl.load(PART + prow + (NC + cp)[None, :], mask=r_ok[:, None], other=0.)
+                ss += tl.load(SSP + part * M + rows, mask=r_ok, other=0.)
         r = 1.0 / tl.sqrt(ss / K + EPS)
         mix_c, mix_p = acc_c * r[:, None], acc_p * r[:, None]
         tl.store(MIX + rows[:, None] * NW + cc[None, :], mix_c, mask=r_ok[:, None])
@@ -201,10 +240,16 @@ if triton is not None:
                 dx += p_i[:, None] * dy - c[:, None] * x
                 tl.store(DH + rows[:, None] * K + ks[None, :], dx.to(DH.dtype.element_ty), mask=ok)
 
+    def _split(K: int) -> int:
+        """Config.split where it cuts K into equal slices of whole column steps, else 1."""
+        s = Config.split
+        return s if s > 1 and K % (s * Config.cols) == 0 else 1
+
     def _meta(h2: torch.Tensor, n: int, iters: int) -> dict:
         np4, npp = _sizes(n)
+        extra = {"num_stages": Config.stages} if Config.stages else {}
         return dict(D=h2.shape[1] // n, N=n, NP4=np4, NPP=npp, ITERS=iters, BM=Config.rows, BD=Config.cols,
-                    PREC=Config.precision, num_warps=Config.warps)
+                    PREC=Config.precision, num_warps=Config.warps, **extra)
 
     @torch.library.triton_op("dsv4::hc_pre", mutates_args=())
     def _hc_pre(h2: torch.Tensor, w: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int, iters: int,
@@ -218,8 +263,18 @@ if triton is not None:
         comb = torch.empty(M, n, n, dtype=torch.float32, device=h2.device)
         mix = torch.empty(M, w.shape[0], dtype=torch.float32, device=h2.device)
         rstd = torch.empty(M, dtype=torch.float32, device=h2.device)
-        torch.library.wrap_triton(_pre_fwd)[(triton.cdiv(M, Config.rows),)](
-            h2, w, scale, base, y, post, comb, mix, rstd, M, EPS=norm_eps, HC_EPS=hc_eps, **_meta(h2, n, iters))
+        grid, split = triton.cdiv(M, Config.rows), _split(K)
+        if split > 1:                               # pass 1 over split × more programs, then the rest
+            part = torch.empty(split, M, w.shape[0], dtype=torch.float32, device=h2.device)
+            ssp = torch.empty(split, M, dtype=torch.float32, device=h2.device)
+            meta = _meta(h2, n, iters)
+            del meta["ITERS"]
+            torch.library.wrap_triton(_pre_part)[(grid, split)](h2, w, part, ssp, M, SPLIT=split, **meta)
+        else:
+            part = ssp = rstd                       # placeholder pointers, unused
+        torch.library.wrap_triton(_pre_fwd)[(grid,)](
+            h2, w, scale, base, y, post, comb, mix, rstd, part, ssp, M, EPS=norm_eps, HC_EPS=hc_eps, SPLIT=split,
+            **_meta(h2, n, iters))
         return y, post, comb, mix, rstd
 
     @torch.library.triton_op("dsv4::hc_pre_backward", mutates_args=())

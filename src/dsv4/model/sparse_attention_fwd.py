@@ -40,46 +40,71 @@ if triton is not None:
         return m_new, l_sum, acc
 
     @triton.jit
-    def _fwd_kernel(Q, RAW, COMP, SEL, SINK, O, LSE,
-                    raw_start, t0, window, ratio, n_sel, n_comp, scale,
+    def _fwd_kernel(Q, RAW, COMP, SEL, SINK, O, LSE, PART, PLSE,
+                    L, raw_start, t0, window, ratio, n_sel, n_comp, scale,
                     sq_b, sq_t, sq_h, sr_b, sr_t, sc_b, sc_n, ss_b, ss_t, so_b, so_t, so_h, sl_b, sl_t,
-                    H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
+                    H: tl.constexpr, HG: tl.constexpr, TB: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                    MODE: tl.constexpr, WINDOW: tl.constexpr, INIT: tl.constexpr, FINAL: tl.constexpr,
                     IEEE: tl.constexpr):
-        """Query i of this call (position p = t0 + i), one group of HG heads: window band, then compressed
-        entries (MODE 0 none, 1 HCA, 2 CSA picks), then the sink."""
-        i, b = tl.program_id(0), tl.program_id(1)
-        heads = tl.program_id(2) * HG + tl.arange(0, HG)
-        hm = heads < H
+        """Queries i0 … i0+TB−1 of this call (position p = t0 + i), one group of HG heads, as TB·HG rows: the
+        window band (WINDOW; the union of the TB bands, read once for all rows), then compressed entries (MODE 0
+        none, 1 HCA: the entries the last token sees, each row masked to its own; 2 CSA picks: TB = 1), then the
+        sink (FINAL). INIT starts from a partial softmax state written by an earlier launch without FINAL:
+        PART [b, L, h, d] fp32 = Σ p·k / Σ p, PLSE [b, L, h] = its log-denominator (no sink)."""
+        i0, b = tl.program_id(0) * TB, tl.program_id(1)
+        r = tl.arange(0, TB * HG)
+        tok = i0 + r // HG                                            # [R] query of each row
+        heads = tl.program_id(2) * HG + r % HG
+        row_ok = (tok < L) & (heads < H)
         dims = tl.arange(0, D)
-        q = tl.load(Q + b * sq_b + i * sq_t + heads[:, None] * sq_h + dims[None, :], mask=hm[:, None], other=0.)
-        m = tl.full([HG], -1.0e30, dtype=tl.float32)
-        l_sum = tl.zeros([HG], dtype=tl.float32)
-        acc = tl.zeros([HG, D], dtype=tl.float32)
-        p_abs = t0 + i
-        w0 = tl.maximum(p_abs - window + 1, raw_start)
-        for start in range(0, p_abs - w0 + 1, BN):                    # window band: positions w0 … p
-            pos = w0 + start + tl.arange(0, BN)
-            ok = pos <= p_abs
-            k = tl.load(RAW + b * sr_b + (pos - raw_start)[:, None] * sr_t + dims[None, :], mask=ok[:, None],
-                        other=0.)
-            m, l_sum, acc = _online_softmax_step(q, k, ok[None, :] & hm[:, None], m, l_sum, acc, scale, IEEE)
-        if MODE != 0:                                                 # compressed entries: HCA visible / CSA picks
-            if MODE == 1:
-                n_c = tl.minimum((p_abs + 1) // ratio, n_comp)
-            else:
-                n_c = n_sel
+        q = tl.load(Q + b * sq_b + tok[:, None] * sq_t + heads[:, None] * sq_h + dims[None, :],
+                    mask=row_ok[:, None], other=0.)
+        p_row = t0 + tok                                              # [R] absolute position of each row
+        p_last = t0 + tl.minimum(i0 + TB, L) - 1
+        poff = (b * L + tok) * H + heads                              # row of PART / PLSE (contiguous)
+        if INIT:
+            m = tl.load(PLSE + poff, mask=row_ok, other=-1.0e30)
+            l_sum = tl.where(row_ok, 1., 0.)
+            acc = tl.load(PART + poff[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.)
+        else:
+            m = tl.full([TB * HG], -1.0e30, dtype=tl.float32)
+            l_sum = tl.zeros([TB * HG], dtype=tl.float32)
+            acc = tl.zeros([TB * HG, D], dtype=tl.float32)
+        if WINDOW:
+            w0 = tl.maximum(t0 + i0 - window + 1, raw_start)
+            for start in range(0, p_last - w0 + 1, BN):               # union of the bands: positions w0 … p_last
+                pos = w0 + start + tl.arange(0, BN)
+                kin = pos <= p_last
+                k = tl.load(RAW + b * sr_b + (pos - raw_start)[:, None] * sr_t + dims[None, :], mask=kin[:, None],
+                            other=0.)
+                ok = row_ok[:, None] & (pos[None, :] <= p_row[:, None]) & (pos[None, :] > p_row[:, None] - window)
+                m, l_sum, acc = _online_softmax_step(q, k, ok, m, l_sum, acc, scale, IEEE)
+        if MODE == 1:                                                 # HCA: entry j seen from (j + 1)·ratio − 1 on
+            n_c = tl.minimum((p_last + 1) // ratio, n_comp)
             for start in range(0, n_c, BN):
-                jc, ok = _entry_tile(SEL, b * ss_b + i * ss_t, start, n_c, BN, MODE)
+                j = start + tl.arange(0, BN)
+                k = tl.load(COMP + b * sc_b + j[:, None] * sc_n + dims[None, :], mask=(j < n_c)[:, None], other=0.)
+                ok = row_ok[:, None] & (j[None, :] < n_c) & ((j[None, :] + 1) * ratio <= p_row[:, None] + 1)
+                m, l_sum, acc = _online_softmax_step(q, k, ok, m, l_sum, acc, scale, IEEE)
+        if MODE == 2:                                                 # CSA: this token's picks (TB = 1)
+            for start in range(0, n_sel, BN):
+                jc, ok = _entry_tile(SEL, b * ss_b + i0 * ss_t, start, n_sel, BN, MODE)
                 k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
-                m, l_sum, acc = _online_softmax_step(q, k, ok[None, :] & hm[:, None], m, l_sum, acc, scale, IEEE)
-        sink = tl.load(SINK + heads, mask=hm, other=0.)
-        lse = m + tl.log(tl.where(hm, l_sum, 1.))                     # log-denominator without the sink
-        top = tl.maximum(lse, sink)
-        lse_all = top + tl.log(tl.exp(lse - top) + tl.exp(sink - top))
-        o = acc * tl.exp(m - lse_all)[:, None]                        # = acc / l_sum · e^lse / e^lse_all
-        tl.store(O + b * so_b + i * so_t + heads[:, None] * so_h + dims[None, :], o.to(O.dtype.element_ty),
-                 mask=hm[:, None])
-        tl.store(LSE + b * sl_b + i * sl_t + heads, lse_all, mask=hm)
+                m, l_sum, acc = _online_softmax_step(q, k, ok[None, :] & row_ok[:, None], m, l_sum, acc, scale,
+                                                     IEEE)
+        lse = m + tl.log(tl.where(row_ok, l_sum, 1.))                 # log-denominator without the sink
+        if FINAL:
+            sink = tl.load(SINK + heads, mask=row_ok, other=0.)
+            top = tl.maximum(lse, sink)
+            lse_all = top + tl.log(tl.exp(lse - top) + tl.exp(sink - top))
+            o = acc * tl.exp(m - lse_all)[:, None]                    # = acc / l_sum · e^lse / e^lse_all
+            tl.store(O + b * so_b + tok[:, None] * so_t + heads[:, None] * so_h + dims[None, :],
+                     o.to(O.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(LSE + b * sl_b + tok * sl_t + heads, lse_all, mask=row_ok)
+        else:
+            tl.store(PART + poff[:, None] * D + dims[None, :], acc / tl.where(row_ok, l_sum, 1.)[:, None],
+                     mask=row_ok[:, None])
+            tl.store(PLSE + poff, lse, mask=row_ok)
 
 
 class Config:
@@ -87,6 +112,26 @@ class Config:
     key_block = 32            # keys per tile of the walk
     warps = 4                 # num_warps of _fwd_kernel (H100, b2×4096, 16 heads: window / CSA / HCA layer
                               # 0.44 / 1.04 / 0.51 ms against 0.51 / 1.32 / 0.66 with 8; fused_attention_ab tiles)
+    token_block = 1           # tokens per program, a power of two (rows = token_block · head_group): consecutive tokens share
+                              # most of their window band and their HCA entries, read once for all of them.
+                              # > 1 in a CSA layer: two launches, the window band blocked, then per token its
+                              # picks from that partial state (the picks differ per token)
+    block_warps = 8           # num_warps when token_block > 1
+    stages = 0                # num_stages of the walks' pipelining (0: Triton's default)
+
+
+def _launch(q, raw, comp_c, sel_c, sink, o, lse, part, plse, raw_start, t0, window, ratio, mode, *, tb, walk_window,
+            init, final):
+    b, L, h, d = q.shape
+    HG = Config.head_group
+    extra = {"num_stages": Config.stages} if Config.stages else {}
+    _fwd_kernel[(triton.cdiv(L, tb), b, triton.cdiv(h, HG))](
+        q, raw, comp_c, sel_c, sink, o, lse, part, plse,
+        L, raw_start, t0, window, ratio, sel_c.shape[-1], comp_c.shape[1] if mode else 0, d ** -0.5,
+        q.stride(0), q.stride(1), q.stride(2), raw.stride(0), raw.stride(1), comp_c.stride(0), comp_c.stride(1),
+        sel_c.stride(0), sel_c.stride(1), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        H=h, HG=HG, TB=tb, D=d, BN=Config.key_block, MODE=mode, WINDOW=walk_window, INIT=init, FINAL=final,
+        IEEE=q.dtype == torch.float32, num_warps=Config.warps if tb == 1 else Config.block_warps, **extra)
 
 
 def forward(q: torch.Tensor, raw: torch.Tensor, raw_start: int, t0: int, comp: torch.Tensor | None,
@@ -103,12 +148,17 @@ def forward(q: torch.Tensor, raw: torch.Tensor, raw_start: int, t0: int, comp: t
     mode, comp_c, sel_c = key_layout(q, raw, comp, sel)
     o = torch.empty_like(q)
     lse = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
-    HG = Config.head_group
-    _fwd_kernel[(L, b, triton.cdiv(h, HG))](
-        q, raw, comp_c, sel_c, sink.float().contiguous(), o, lse,
-        raw_start, t0, window, ratio, sel_c.shape[-1], comp_c.shape[1] if mode else 0, d ** -0.5,
-        q.stride(0), q.stride(1), q.stride(2), raw.stride(0), raw.stride(1), comp_c.stride(0), comp_c.stride(1),
-        sel_c.stride(0), sel_c.stride(1), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        H=h, HG=HG, D=d, BN=Config.key_block, MODE=mode, IEEE=q.dtype == torch.float32,
-        num_warps=Config.warps)
+    sink = sink.float().contiguous()
+    tb = Config.token_block
+    if tb < 1 or tb & (tb - 1):
+        raise ValueError(f"sparse_attention_fwd.Config.token_block must be a power of two ≥ 1, not {tb}")
+    args = (q, raw, comp_c, sel_c, sink, o, lse)
+    if mode == 2 and tb > 1:                     # window band blocked, then each token's picks from that state
+        part = torch.empty(b, L, h, d, dtype=torch.float32, device=q.device)
+        plse = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
+        _launch(*args, part, plse, raw_start, t0, window, ratio, 0, tb=tb, walk_window=True, init=False, final=False)
+        _launch(*args, part, plse, raw_start, t0, window, ratio, 2, tb=1, walk_window=False, init=True, final=True)
+    else:
+        _launch(*args, lse, lse, raw_start, t0, window, ratio, mode, tb=tb if mode != 2 else 1, walk_window=True,
+                init=False, final=True)            # (lse: placeholder pointers for PART / PLSE, unused)
     return o, lse
