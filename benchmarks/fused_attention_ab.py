@@ -140,9 +140,10 @@ def backward_kernels(cfg, h: int) -> None:
 
 # kernel -> variants {Config field: value}, each against the defaults ({}): one field at a time, then pairs
 TILE_SWEEP = {
-    "bwd": [{}, {"walk_block": 32}, {"walk_block": 64}, {"warps": 4}, {"key_block": 64},
-            {"token_block": 4}, {"window_warps": 4}, {"warps": 2}, {"walk_block": 32, "warps": 4},
-            {"walk_block": 32, "warps": 2}, {"walk_block": 32, "warps": 4, "window_warps": 4}],
+    "bwd": [{}, {"walk_block": 64}, {"key_block": 64}, {"token_block": 4}, {"warps": 8}, {"warps": 2},
+            {"query_block": 2}, {"query_block": 4}, {"query_block": 2, "query_block_warps": 4},
+            {"query_block": 4, "query_block_warps": 16}, {"query_block": 4, "walk_block": 16},
+            {"query_block": 4, "walk_block": 16, "walk_block_hca": 16}, {"query_block": 8, "walk_block": 16}],
     "fwd": [{}, {"key_block": 16}, {"key_block": 64}, {"warps": 8}, {"warps": 2}, {"stages": 1}, {"stages": 2},
             {"stages": 4}, {"token_block": 2}, {"token_block": 4}, {"token_block": 8}, {"token_block": 2, "block_warps": 4},
             {"token_block": 4, "block_warps": 16}, {"token_block": 4, "key_block": 16},

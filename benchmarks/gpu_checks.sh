@@ -29,9 +29,9 @@
 #   attn     the sparse-attention, head-loss and fp32-GEMM tests on CUDA, then the Triton backward per layer
 #            kind and training tok/s with the CSA picks' dK by GEMMs vs atomic adds (fused_attention_ab.py
 #            --sections bwd,train)                                                          (~6 min)
-#   kernels  the attention forward's token blocks and the mHC pre kernel's split / warps / stages (stop 27): the
-#            sparse-attention and pre-kernel tests on CUDA, then the forward's tile sweep per layer kind
-#            (fused_attention_ab.py --sections tiles --tile-kernels fwd) and the pre kernels' sweep
+#   kernels  the attention kernels' token blocks and the mHC pre kernel's split / warps / stages (stop 27): the
+#            sparse-attention and pre-kernel tests on CUDA, then the forward's and backward's tile sweeps per
+#            layer kind (fused_attention_ab.py --sections tiles --tile-kernels fwd,bwd) and the pre kernels' sweep
 #            (mhc_mix_ab.py --switch pre --sections sweep)                                     (~6 min)
 #   profile  the compiled + CUDA-graph b2x4096 step under torch.profiler (profile_step.py)  (~4 min cold)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
@@ -130,8 +130,8 @@ want attn && grep '^{' "$OUT/attn_bwd.log" | cut -c1-240
 want kernels && step tests_kernels 200 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v \
     --timeout 150 tests/test_sparse_attention.py tests/test_hc_pre_kernel.py
 want kernels && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests_kernels.log" | tail -40
-want kernels && step fwd_tiles 200 python3 benchmarks/fused_attention_ab.py --out "$OUT/fwd_tiles" --sections tiles \
-    --tile-kernels fwd
+want kernels && step fwd_tiles 240 python3 benchmarks/fused_attention_ab.py --out "$OUT/fwd_tiles" --sections tiles \
+    --tile-kernels ${TILE_KERNELS:-fwd,bwd}
 want kernels && grep '^{' "$OUT/fwd_tiles.log" | cut -c1-200
 want kernels && step pre_sweep 150 python3 benchmarks/mhc_mix_ab.py --out "$OUT/pre_sweep" --switch pre --sections sweep
 want kernels && grep '^{' "$OUT/pre_sweep.log" | cut -c1-200
