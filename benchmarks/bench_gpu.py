@@ -84,6 +84,21 @@ def timed(fn, reps: int = 3) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
+def timed_device(fn, reps: int = 20) -> float:
+    """Seconds per call of fn on the GPU: one untimed call, then `reps` calls back to back between two CUDA
+    events, so the host's launch work overlaps the kernels (`timed` syncs around each call and adds the host's
+    latency: on a slow host it dominates sub-millisecond kernels)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def matmul_peak() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
