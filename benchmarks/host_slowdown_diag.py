@@ -4,7 +4,7 @@ inside the timed steps. Stop 25 guessed that bench_gpu.py's eager rows, run firs
 what follows; this script's first run (stop 26, 'fresh' only) found the compiled b1 step host-bound at 0.128 s
 without any eager rows before it.
 
-    python benchmarks/host_slowdown_diag.py --out DIR
+    python benchmarks/host_slowdown_diag.py --out DIR [--variants fresh,after_eager] [--batches 1,2]
 
 Two subprocesses on the bench config, bf16 (as bench_gpu.py): 'fresh' compiles the blocks straight away,
 'after_eager' first runs bench_gpu's eager training rows (fused head loss, full logits, +MTP; b1 and b2). Each
@@ -34,7 +34,7 @@ def gc_collections() -> int:
     return sum(s["collections"] for s in gc.get_stats())
 
 
-def one(variant: str) -> None:
+def one(variant: str, batches=(1, 2)) -> None:
     sys.path.insert(0, str(HERE))
     import torch
 
@@ -69,7 +69,7 @@ def one(variant: str) -> None:
             gc.enable()
             gc.collect()
             gc.freeze()
-        for b in (1, 2):
+        for b in batches:
             x = torch.randint(0, cfg.vocab_size, (b, 4097), device="cuda")
 
             def step():
@@ -90,16 +90,20 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="folder for host_slowdown.json")
     ap.add_argument("--variant", choices=("fresh", "after_eager"), help="run one variant in this process")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per variant's subprocess")
+    ap.add_argument("--variants", default="fresh,after_eager", help="which variants, comma-separated")
+    ap.add_argument("--batches", default="1,2", help="batch sizes of the compiled steps (each new one compiles anew)")
     args = ap.parse_args()
+    batches = tuple(int(b) for b in args.batches.split(","))
     if args.variant:
-        one(args.variant)
+        one(args.variant, batches)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for variant in ("fresh", "after_eager"):
+    for variant in args.variants.split(","):
         try:
-            p = subprocess.run([sys.executable, __file__, "--out", str(out), "--variant", variant],
+            p = subprocess.run([sys.executable, __file__, "--out", str(out), "--variant", variant,
+                                "--batches", args.batches],
                                capture_output=True, text=True, timeout=args.timeout)
             text, err, rc = p.stdout, p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:              # its output so far (bytes, even with text=True)
