@@ -140,10 +140,10 @@ def backward_kernels(cfg, h: int) -> None:
 
 # kernel -> variants {Config field: value}, each against the defaults ({}): one field at a time, then pairs
 TILE_SWEEP = {
-    "bwd": [{}, {"walk_block": 64}, {"key_block": 64}, {"token_block": 4}, {"warps": 8}, {"warps": 2},
-            {"query_block": 2}, {"query_block": 4}, {"query_block": 2, "query_block_warps": 4},
-            {"query_block": 4, "query_block_warps": 16}, {"query_block": 4, "walk_block": 16},
-            {"query_block": 4, "walk_block": 16, "walk_block_hca": 16}, {"query_block": 8, "walk_block": 16}],
+    # (stop 27 also swept token blocks in _bwd_kernel, 2-8 tokens per program: slower in every layer kind on an
+    # H200 — window 1.09 -> 1.37 ms, CSA 3.15 -> 3.59, HCA 1.65 -> 2.08 at best — and removed)
+    "bwd": [{}, {"walk_block": 64}, {"key_block": 64}, {"warps": 8}, {"warps": 2}, {"window_warps": 8},
+            {"token_block": 1}],
     # stop 27's first H200 sweep (host-timed): token blocks 2 (4 warps) and 4 (8 warps), and 2 or 4 pipelining
     # stages, were the candidates; 8-token blocks and 64-key tiles at 4 tokens need more shared memory
     "fwd": [{}, {"warps": 2}, {"stages": 2}, {"stages": 3}, {"stages": 4}, {"token_block": 2, "block_warps": 4},

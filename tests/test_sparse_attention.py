@@ -82,20 +82,18 @@ def test_fused_gradients_equal_reference(monkeypatch):
     assert any("attn_sink" in n for n in grads[0])
 
 
-@pytest.mark.parametrize("window_dkv,pick_dkv,heads,query_block", [("keys", "gemm", 4, 1), ("atomic", "atomic", 4, 1),
-                                                                    ("keys", "atomic", 32, 1), ("atomic", "gemm", 32, 1),
-                                                                    ("keys", "gemm", 16, 4), ("atomic", "atomic", 4, 2)])
-def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv, pick_dkv, heads, query_block):
-    """The Triton backward (per token — or per block of query_block tokens, the CSA picks then in a second
-    launch per token — and group of 16 heads over exactly its keys; the CSA entries' dK by GEMMs over the picks'
-    coefficients or by atomic adds; the window's dKV per key block or by atomic adds) gives the reference path's
-    gradients: every parameter, sinks included. 4 heads fill part of one group; 32 heads are two groups, as
-    V4's 64 / 128 heads are several. (Groups are ≥ 16 heads: a Triton dot needs 16 rows; the interpreter would
-    also take fewer, a GPU compile does not.) On the CPU it runs under Triton's interpreter (fp32)."""
+@pytest.mark.parametrize("window_dkv,pick_dkv,heads", [("keys", "gemm", 4), ("atomic", "atomic", 4),
+                                                        ("keys", "atomic", 32), ("atomic", "gemm", 32)])
+def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv, pick_dkv, heads):
+    """The Triton backward (per token and group of 16 heads over exactly its keys; the CSA entries' dK by GEMMs
+    over the picks' coefficients or by atomic adds; the window's dKV per key block or by atomic adds) gives the
+    reference path's gradients: every parameter, sinks included. 4 heads fill part of one group; 32 heads are two
+    groups, as V4's 64 / 128 heads are several. (Groups are ≥ 16 heads: a Triton dot needs 16 rows; the
+    interpreter would also take fewer, a GPU compile does not.) On the CPU it runs under Triton's interpreter
+    (fp32)."""
     from dsv4.model import sparse_attention_bwd
     if not sparse_attention_bwd.available(torch.empty(1, 16, device=flex_anywhere)):
         pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
-    monkeypatch.setattr(sparse_attention_bwd.Config, "query_block", query_block)
     monkeypatch.setattr(sparse_attention_bwd.Config, "window_dkv", window_dkv)
     monkeypatch.setattr(sparse_attention_bwd.Config, "pick_dkv", pick_dkv)
     monkeypatch.setattr(sparse_attention_bwd.Config, "gemm_chunk_elems", 1 << 12)   # several token chunks
@@ -186,23 +184,14 @@ def test_triton_backward_fits_hopper_at_v4_head_counts(heads):
     227 KB of shared memory per program (holding all 64 heads of a token at once needed ~290 KB)."""
     from dsv4.model import sparse_attention_bwd as sab
     ptr = {n: "bf16" for n in ("Q", "KV", "COMP", "O", "DO", "DQ")}
-    ptr.update({n: "fp32" for n in ("LSE", "SINK", "DKV", "DCOMP", "DSINK", "DELTA", "DQP")}, SEL="i32",
-               COEF="bf16")
+    ptr.update({n: "fp32" for n in ("LSE", "SINK", "DKV", "DCOMP", "DSINK", "DELTA")}, SEL="i32", COEF="bf16")
     common = {"H": heads, "HG": sab.Config.head_group, "D": 512, "IEEE": False}
-    tb = sab.Config.query_block
-    # (tokens per program, MODE, WINDOW, INIT, FINAL): the launches `backward` makes at one token per program
-    # and at Config.query_block
-    launches = {(1, m, True, False, True) for m in (0, 1, 2)} | {(tb, 0, True, False, True), (tb, 1, True, False, True)}
-    if tb > 1:
-        launches |= {(tb, 0, True, False, False), (1, 2, False, True, True)}
-    for tb_, mode, window, init, final in sorted(launches):     # window only, HCA entries, CSA picks
+    for mode in (0, 1, 2):                        # window only, HCA entries, CSA picks
         for window_dkv, pick_coef in ((False, mode == 2), (True, False)):
-            shared = compile_for_hopper(sab._bwd_kernel, {**common, "TB": tb_, "BN": sab.walk_block(mode),
-                                                          "MODE": mode, "WINDOW": window, "INIT": init,
-                                                          "FINAL": final, "WINDOW_DKV": window_dkv,
-                                                          "PICK_COEF": pick_coef}, ptr, floats=("scale",),
-                                        num_warps=sab.Config.warps if tb_ == 1 else sab.Config.query_block_warps)
-            assert shared <= 227 * 1024, (tb_, mode, window_dkv, shared)
+            shared = compile_for_hopper(sab._bwd_kernel, {**common, "BN": sab.walk_block(mode), "MODE": mode,
+                                                          "WINDOW_DKV": window_dkv, "PICK_COEF": pick_coef},
+                                        ptr, floats=("scale",), num_warps=sab.Config.warps)
+            assert shared <= 227 * 1024, (mode, window_dkv, shared)
     shared = compile_for_hopper(sab._dkv_window_kernel, {**common, "BK": sab.Config.key_block,
                                                          "TB": sab.Config.token_block}, ptr, floats=("scale",),
                                 num_warps=sab.Config.window_warps)

@@ -62,80 +62,59 @@ if triton is not None:
         return _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale + _dot(tl.trans(p.to(do.dtype)), do, IEEE)
 
     @triton.jit
-    def _bwd_kernel(Q, KV, COMP, SEL, O, DO, LSE, SINK, DQ, DKV, DCOMP, DSINK, DELTA, COEF, DQP,
+    def _bwd_kernel(Q, KV, COMP, SEL, O, DO, LSE, SINK, DQ, DKV, DCOMP, DSINK, DELTA, COEF,
                     L, window, ratio, n_sel, scale,
                     sq_b, sq_t, sq_h, skv_b, skv_t, sc_b, sc_n, ss_b, ss_t, sl_b, sl_t,
-                    H: tl.constexpr, HG: tl.constexpr, TB: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-                    MODE: tl.constexpr, WINDOW: tl.constexpr, INIT: tl.constexpr, FINAL: tl.constexpr,
+                    H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
                     WINDOW_DKV: tl.constexpr, PICK_COEF: tl.constexpr, IEEE: tl.constexpr):
-        """Tokens t0 … t0+TB−1, one group of HG heads, as TB·HG rows: dq over the window band (WINDOW; the union
-        of the TB bands, read once for all rows), then the compressed entries (MODE 1 HCA: the entries the last
-        token sees, each row masked to its own; 2 CSA picks: TB = 1); dcomp by atomic adds, or with PICK_COEF
-        (CSA) each pick's coefficients scale·dS and p written to COEF [b, L, k, 2H] for pick_dcomp's GEMMs; the
-        window's dkv by atomic adds only if WINDOW_DKV (otherwise _dkv_window_kernel). INIT starts dq from DQP
-        (fp32, q's layout, unscaled), which a launch without FINAL writes instead of DQ."""
-        t0, b = tl.program_id(0) * TB, tl.program_id(1)
-        r = tl.arange(0, TB * HG)
-        tok = t0 + r // HG                                                               # [R] token of each row
-        heads = tl.program_id(2) * HG + r % HG
-        row_ok = (tok < L) & (heads < H)
+        """One token, one group of HG heads: dq over its window band then its compressed entries; dcomp by
+        atomic adds, or with PICK_COEF (CSA) each pick's coefficients scale·dS and p written to COEF [b, L, k, 2H]
+        for pick_dcomp's GEMMs; the window's dkv by atomic adds only if WINDOW_DKV (otherwise
+        _dkv_window_kernel)."""
+        t, b = tl.program_id(0), tl.program_id(1)
+        heads = tl.program_id(2) * HG + tl.arange(0, HG)
+        hm = heads < H
         dims = tl.arange(0, D)
-        qoff = b * sq_b + tok[:, None] * sq_t + heads[:, None] * sq_h + dims[None, :]
-        q = tl.load(Q + qoff, mask=row_ok[:, None], other=0.)                            # [R, D]
-        do = tl.load(DO + qoff, mask=row_ok[:, None], other=0.)
-        lse = tl.load(LSE + b * sl_b + tok * sl_t + heads, mask=row_ok, other=float("inf"))   # [R] (sink included)
-        o = tl.load(O + qoff, mask=row_ok[:, None], other=0.)
+        qoff = b * sq_b + t * sq_t + heads[:, None] * sq_h + dims[None, :]
+        q = tl.load(Q + qoff, mask=hm[:, None], other=0.)                                # [HG, D]
+        do = tl.load(DO + qoff, mask=hm[:, None], other=0.)
+        lse = tl.load(LSE + b * sl_b + t * sl_t + heads, mask=hm, other=float("inf"))     # [HG] (sink included)
+        o = tl.load(O + qoff, mask=hm[:, None], other=0.)
         dacc = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)                           # D_h = dO_h · o_h
-        tl.store(DELTA + (b * L + tok) * H + heads, dacc, mask=row_ok)
-        if INIT:
-            dq = tl.load(DQP + qoff, mask=row_ok[:, None], other=0.)
-        else:
-            dq = tl.zeros([TB * HG, D], dtype=tl.float32)
-        t_last = tl.minimum(t0 + TB, L) - 1
-        if WINDOW:
-            w0 = tl.maximum(t0 - window + 1, 0)
-            for start in range(0, t_last - w0 + 1, BN):               # union of the bands: keys w0 … t_last
-                pos = w0 + start + tl.arange(0, BN)
-                kin = pos <= t_last
-                k = tl.load(KV + b * skv_b + pos[:, None] * skv_t + dims[None, :], mask=kin[:, None], other=0.)
-                seen = row_ok[:, None] & (pos[None, :] <= tok[:, None]) & (pos[None, :] > tok[:, None] - window)
-                p, ds = _probs_and_ds(q, do, k, lse, dacc, seen, scale, IEEE)                # [R, BN]
-                dq += _dot(ds.to(k.dtype), k, IEEE)
-                if WINDOW_DKV:
-                    tl.atomic_add(DKV + b * skv_b + pos[:, None] * skv_t + dims[None, :],
-                                  _dk(q, do, p, ds, scale, IEEE), mask=kin[:, None])
-        if MODE == 1:                                                 # HCA: entry j seen from (j + 1)·ratio − 1 on
-            n_c = (t_last + 1) // ratio
+        tl.store(DELTA + (b * L + t) * H + heads, dacc, mask=hm)
+        dq = tl.zeros([HG, D], dtype=tl.float32)
+        w0 = tl.maximum(t - window + 1, 0)
+        for start in range(0, t - w0 + 1, BN):                        # window band: keys w0 … t
+            pos = w0 + start + tl.arange(0, BN)
+            ok = pos <= t
+            k = tl.load(KV + b * skv_b + pos[:, None] * skv_t + dims[None, :], mask=ok[:, None], other=0.)
+            p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & hm[:, None], scale, IEEE)   # [HG, BN]
+            dq += _dot(ds.to(k.dtype), k, IEEE)
+            if WINDOW_DKV:
+                tl.atomic_add(DKV + b * skv_b + pos[:, None] * skv_t + dims[None, :], _dk(q, do, p, ds, scale, IEEE),
+                              mask=ok[:, None])
+        if MODE != 0:                                                 # compressed entries: HCA visible / CSA picks
+            if MODE == 1:
+                n_c = (t + 1) // ratio
+            else:
+                n_c = n_sel
             for start in range(0, n_c, BN):
-                j = start + tl.arange(0, BN)
-                jin = j < n_c
-                k = tl.load(COMP + b * sc_b + j[:, None] * sc_n + dims[None, :], mask=jin[:, None], other=0.)
-                seen = row_ok[:, None] & jin[None, :] & ((j[None, :] + 1) * ratio <= tok[:, None] + 1)
-                p, ds = _probs_and_ds(q, do, k, lse, dacc, seen, scale, IEEE)
-                dq += _dot(ds.to(k.dtype), k, IEEE)
-                tl.atomic_add(DCOMP + b * sc_b + j[:, None] * sc_n + dims[None, :], _dk(q, do, p, ds, scale, IEEE),
-                              mask=jin[:, None])
-        if MODE == 2:                                                 # CSA: this token's picks (TB = 1)
-            for start in range(0, n_sel, BN):
-                jc, ok = _entry_tile(SEL, b * ss_b + t0 * ss_t, start, n_sel, BN, MODE)
+                jc, ok = _entry_tile(SEL, b * ss_b + t * ss_t, start, n_c, BN, MODE)
                 k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
-                p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & row_ok[:, None], scale, IEEE)
+                p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & hm[:, None], scale, IEEE)
                 dq += _dot(ds.to(k.dtype), k, IEEE)
                 if PICK_COEF:                                         # [HG, BN] -> COEF[b, t, start+j, (0|H)+h]
-                    cf = COEF + ((b * L + t0) * n_sel + start + tl.arange(0, BN))[None, :] * (2 * H) + heads[:, None]
-                    cm = ok[None, :] & row_ok[:, None]
+                    cf = COEF + ((b * L + t) * n_sel + start + tl.arange(0, BN))[None, :] * (2 * H) + heads[:, None]
+                    cm = ok[None, :] & hm[:, None]
                     tl.store(cf, (ds * scale).to(COEF.dtype.element_ty), mask=cm)
                     tl.store(cf + H, p.to(COEF.dtype.element_ty), mask=cm)
                 else:
                     tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :],
                                   _dk(q, do, p, ds, scale, IEEE), mask=ok[:, None])
-        if FINAL:
-            tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-        else:
-            tl.store(DQP + qoff, dq, mask=row_ok[:, None])
-        sink = tl.load(SINK + heads, mask=row_ok, other=0.)
+        tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=hm[:, None])
+        sink = tl.load(SINK + heads, mask=hm, other=0.)
         p_sink = tl.exp(sink - lse)
-        tl.store(DSINK + (b * L + tok) * H + heads, -p_sink * dacc, mask=row_ok)
+        tl.store(DSINK + (b * L + t) * H + heads, -p_sink * dacc, mask=hm)
 
     @triton.jit
     def _dkv_window_kernel(Q, KV, DO, LSE, DELTA, DKV, L, window, scale,
@@ -185,10 +164,6 @@ class Config:
     walk_block = 32           # keys per step of _bwd_kernel's walk (window band, then entries) …
     walk_block_hca = 16       # … in HCA layers (≤ L/128 visible entries: 32-key steps were slower there)
     warps = 4                 # num_warps of _bwd_kernel
-    query_block = 1           # tokens per _bwd_kernel program, a power of two: consecutive tokens share most of
-                              # their window band and HCA entries, read once for all (CSA at > 1: two launches,
-                              # the band blocked, then per token its picks, dq carried over in fp32)
-    query_block_warps = 8     # num_warps of _bwd_kernel when query_block > 1
     window_warps = 4          # num_warps of _dkv_window_kernel
     # H100, b2×4096, 16 heads (fused_attention_ab.py --sections tiles; benchmarks/results/2026-11-24_h100_stop18):
     # 32-key steps and 4 warps took the window / CSA / HCA layer's backward from 1.83 / 8.25 / 2.02 ms (16 keys,
@@ -272,26 +247,15 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     coef = q.new_empty(b, L, sel_c.shape[-1], 2 * h) if pick_gemm else dkv      # (dkv: a placeholder pointer)
     dsink = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
     delta = torch.empty(b, L, h, dtype=torch.float32, device=q.device)          # D_h per token, for both kernels
-    HG, ieee, sink = Config.head_group, q.dtype == torch.float32, sink.float().contiguous()
-    tb = Config.query_block
-    if tb < 1 or tb & (tb - 1):
-        raise ValueError(f"sparse_attention_bwd.Config.query_block must be a power of two ≥ 1, not {tb}")
-
-    def walk(m: int, tb: int, window_: bool, init: bool, final: bool, dqp: torch.Tensor) -> None:
-        _bwd_kernel[(triton.cdiv(L, tb), b, triton.cdiv(h, HG))](
-            q, kv, comp_c, sel_c, o, do, lse, sink, dq, dkv, dcomp, dsink, delta, coef, dqp,
-            L, window, ratio, sel_c.shape[-1], d ** -0.5,
-            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
-            comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
-            H=h, HG=HG, TB=tb, D=d, BN=walk_block(m), MODE=m, WINDOW=window_, INIT=init, FINAL=final,
-            WINDOW_DKV=not by_keys, PICK_COEF=pick_gemm and m == 2, IEEE=ieee,
-            num_warps=Config.warps if tb == 1 else Config.query_block_warps)
-    if mode == 2 and tb > 1:                 # the window band blocked, then each token's picks, dq carried over
-        dqp = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        walk(0, tb, True, False, False, dqp)
-        walk(2, 1, False, True, True, dqp)
-    else:
-        walk(mode, tb if mode != 2 else 1, True, False, True, dq)      # (dq: placeholder pointer for DQP)
+    HG, ieee = Config.head_group, q.dtype == torch.float32
+    _bwd_kernel[(L, b, triton.cdiv(h, HG))](
+        q, kv, comp_c, sel_c, o, do, lse, sink.float().contiguous(), dq, dkv, dcomp, dsink, delta, coef,
+        L, window, ratio, sel_c.shape[-1], d ** -0.5,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+        comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
+        H=h, HG=HG, D=d, BN=walk_block(mode), MODE=mode, WINDOW_DKV=not by_keys, PICK_COEF=pick_gemm,
+        IEEE=ieee,
+        num_warps=Config.warps)
     if by_keys:
         BK = Config.key_block
         _dkv_window_kernel[(triton.cdiv(L, BK), b)](q, kv, do, lse, delta, dkv, L, window, d ** -0.5,
