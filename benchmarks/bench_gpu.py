@@ -421,11 +421,16 @@ def main() -> int:
             comp = loss_and_grads(model, ids)
             log(what="compile_check", loss_eager=eager[0], loss_compiled=comp[0],
                 grad_rel_diff=grads_rel_diff(comp[1], eager[1]), compile_s=time.time() - t)
-            bench_train(cfg, model, peak, "compiled blocks", mtp=False, chunked_loss=True)
-            if graph_ok and time.time() < deadline:
+            # the README's headline row first: one 10-minute device call with transformers beside it only just
+            # fits the section (stop 26 lost its last row to the time limit); the host-bound rows without a
+            # graph last
+            if graph_ok:
                 bench_train(cfg, model, peak, "compiled blocks, CUDA graph", mtp=False, chunked_loss=True, graph=True)
+            if graph_ok and time.time() < deadline:
                 bench_train(cfg, model, peak, "compiled blocks, CUDA graph, fused head loss", mtp=True,
                             chunked_loss=True, graph=True)
+            if time.time() < deadline:
+                bench_train(cfg, model, peak, "compiled blocks", mtp=False, chunked_loss=True)
             breaks = torch._dynamo.utils.counters["graph_break"]
             log(what="compile_time_s_incl_bench", s=time.time() - t, dynamo_graphs=dynamo_graphs(),
                 graph_breaks=sum(breaks.values()), graph_break_reasons=sorted(breaks)[:5])
