@@ -33,6 +33,9 @@
 #            sparse-attention and pre-kernel tests on CUDA, then the forward's and backward's tile sweeps per
 #            layer kind (fused_attention_ab.py --sections tiles --tile-kernels fwd,bwd) and the pre kernels' sweep
 #            (mhc_mix_ab.py --switch pre --sections sweep)                                     (~6 min)
+#   host     the compiled b1 step without a graph (host-bound, ~0.09 s of host CPU per step in stop 27, not
+#            Python's collector): host_slowdown_diag.py in a fresh process with --cprofile, which host work it is
+#            (~4 min cold)
 #   profile  the compiled + CUDA-graph b2x4096 step under torch.profiler (profile_step.py)  (~4 min cold)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
@@ -135,6 +138,9 @@ want kernels && step fwd_tiles 240 python3 benchmarks/fused_attention_ab.py --ou
 want kernels && grep '^{' "$OUT/fwd_tiles.log" | cut -c1-200
 want kernels && step pre_sweep 150 python3 benchmarks/mhc_mix_ab.py --out "$OUT/pre_sweep" --switch pre --sections sweep
 want kernels && grep '^{' "$OUT/pre_sweep.log" | cut -c1-200
+want host && step host 300 python3 benchmarks/host_slowdown_diag.py --out "$OUT/host" --variants fresh --batches 1 \
+    --cprofile --timeout 280
+want host && cut -c1-200 "$OUT/host.log"; head -60 "$OUT/host/fresh_b1_cprofile.txt" 2>/dev/null
 want profile && step profile 330 python3 benchmarks/profile_step.py --out "$OUT" --what train_compiled_graph --batch 2
 want profile && head -3 "$OUT/profile_train_compiled_graph.txt"
 

@@ -4,13 +4,15 @@ inside the timed steps. Stop 25 guessed that bench_gpu.py's eager rows, run firs
 what follows; this script's first run (stop 26, 'fresh' only) found the compiled b1 step host-bound at 0.128 s
 without any eager rows before it.
 
-    python benchmarks/host_slowdown_diag.py --out DIR [--variants fresh,after_eager] [--batches 1,2]
+    python benchmarks/host_slowdown_diag.py --out DIR [--variants fresh,after_eager] [--batches 1,2] [--cprofile]
 
 Two subprocesses on the bench config, bf16 (as bench_gpu.py): 'fresh' compiles the blocks straight away,
 'after_eager' first runs bench_gpu's eager training rows (fused head loss, full logits, +MTP; b1 and b2). Each
 then times the compile (first compiled step) and compiled b1 / b2 steps (wall and host CPU seconds per step)
 three ways: as they are, with Python's garbage collector off, and after gc.freeze(). It also records how many
-objects the collector tracks, to test the guess that a larger heap makes every collection dearer.
+objects the collector tracks, to test the guess that a larger heap makes every collection dearer (stop 27,
+'fresh' at b1: 0.089 / 0.097 / 0.106 s per step with the collector on / off / frozen, all host CPU: not the
+collector). --cprofile then runs 3 steps per batch size under cProfile, to say which host work it is.
 Each variant prints JSON lines; all go to DIR/host_slowdown.json."""
 from __future__ import annotations
 
@@ -34,7 +36,33 @@ def gc_collections() -> int:
     return sum(s["collections"] for s in gc.get_stats())
 
 
-def one(variant: str, batches=(1, 2)) -> None:
+def host_profile(step, path: Path, steps: int = 3) -> None:
+    """`steps` calls of step under cProfile: the functions with the most host time of their own, and by
+    cumulative time (which Python frames — dynamo's guards and wrappers, the eager code between compiled
+    graphs, Triton's launchers — the step's host CPU goes to) -> path (text)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    sync()
+    prof.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    buf.write(f"{steps} steps under cProfile (its own overhead included)\n\n## by own time\n")
+    st.sort_stats("tottime").print_stats(40)
+    buf.write("\n## by cumulative time\n")
+    st.sort_stats("cumulative").print_stats(60)
+    path.write_text(buf.getvalue())
+
+
+def one(variant: str, batches=(1, 2), out: Path | None = None) -> None:
     sys.path.insert(0, str(HERE))
     import torch
 
@@ -83,6 +111,8 @@ def one(variant: str, batches=(1, 2)) -> None:
             emit(variant=variant, what="compiled_step", gc=mode, batch=b, s=wall, tok_s=b * 4096 / wall,
                  cpu_s_per_step=(time.process_time() - cpu0) / 5, gc_collections=gc_collections() - collections0,
                  graphs_compiled=bg.dynamo_graphs() - graphs0)
+            if out is not None and mode == "gc on":
+                host_profile(step, out / f"{variant}_b{b}_cprofile.txt")
 
 
 def main() -> int:
@@ -92,10 +122,12 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=240, help="seconds per variant's subprocess")
     ap.add_argument("--variants", default="fresh,after_eager", help="which variants, comma-separated")
     ap.add_argument("--batches", default="1,2", help="batch sizes of the compiled steps (each new one compiles anew)")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="also 3 compiled steps per batch size under cProfile (collector on): DIR/<variant>_b<b>_cprofile.txt")
     args = ap.parse_args()
     batches = tuple(int(b) for b in args.batches.split(","))
     if args.variant:
-        one(args.variant, batches)
+        one(args.variant, batches, Path(args.out) if args.cprofile else None)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +135,7 @@ def main() -> int:
     for variant in args.variants.split(","):
         try:
             p = subprocess.run([sys.executable, __file__, "--out", str(out), "--variant", variant,
-                                "--batches", args.batches],
+                                "--batches", args.batches] + (["--cprofile"] if args.cprofile else []),
                                capture_output=True, text=True, timeout=args.timeout)
             text, err, rc = p.stdout, p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:              # its output so far (bytes, even with text=True)
