@@ -265,18 +265,17 @@ if triton is not None:
         comb = torch.empty(M, n, n, dtype=torch.float32, device=h2.device)
         mix = torch.empty(M, w.shape[0], dtype=torch.float32, device=h2.device)
         rstd = torch.empty(M, dtype=torch.float32, device=h2.device)
-        grid, split = triton.cdiv(M, Config.rows), _split(K)
+        grid, split, meta = triton.cdiv(M, Config.rows), _split(K), _meta(h2, n, iters)
         if split > 1:                               # pass 1 over split × more programs, then the rest
             part = torch.empty(split, M, w.shape[0], dtype=torch.float32, device=h2.device)
             ssp = torch.empty(split, M, dtype=torch.float32, device=h2.device)
-            meta = _meta(h2, n, iters)
-            del meta["ITERS"]
-            torch.library.wrap_triton(_pre_part)[(grid, split)](h2, w, part, ssp, M, SPLIT=split, **meta)
+            torch.library.wrap_triton(_pre_part)[(grid, split)](
+                h2, w, part, ssp, M, SPLIT=split, **{k: v for k, v in meta.items() if k != "ITERS"})
         else:
             part = ssp = rstd                       # placeholder pointers, unused
         torch.library.wrap_triton(_pre_fwd)[(grid,)](
             h2, w, scale, base, y, post, comb, mix, rstd, part, ssp, M, EPS=norm_eps, HC_EPS=hc_eps, SPLIT=split,
-            **_meta(h2, n, iters))
+            **meta)
         return y, post, comb, mix, rstd
 
     @torch.library.triton_op("dsv4::hc_pre_backward", mutates_args=())
