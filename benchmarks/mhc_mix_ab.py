@@ -13,8 +13,8 @@ direction (`model/hc_pre_kernel.py`, `Fusion.pre_kernel`: mixes, maps, Sinkhorn,
   op_profile  the op section's compiled hc_pre, bf16, off and on, under torch.profiler (OUT/op_profile.txt)
   sweep  --switch mix: the mixing kernels alone at b2x4096 (bf16 streams, 24 maps), forward and backward ms
          per tile size (hc_mix_kernel.Config rows x cols), against the PyTorch ops (fp32 copy, cuBLAS GEMM, norm)
-         --switch pre: the pre kernels alone at b2x4096 per hc_pre_kernel.Config (rows x warps x pipelining
-         stages, and the forward's first pass split over programs),
+         --switch pre: the pre kernels alone at b2x4096 per hc_pre_kernel.Config (rows x pipelining stages,
+         and the forward's first pass split over programs at 4 and 8 warps),
          forward and backward ms, against the compiled PyTorch hc_pre split the same way;
          --switch expand: the expand kernels alone per hc_expand_kernel.Config (rows x cols), likewise
   train  forward+backward tok/s at b1x4096 and b2x4096 (LM loss, bf16 model), the switch off vs on
@@ -212,10 +212,9 @@ def sweep_pre(cfg) -> None:
     conf = hc_pre_kernel.Config
     fields = ("rows", "cols", "precision", "warps", "stages", "split")
     default = {f: getattr(conf, f) for f in fields}
-    # the defaults, then (stop 27) rows x warps x pipelining stages, then the forward's pass 1 split over programs
+    # the defaults, then (stop 27) rows x pipelining stages, then the forward's pass 1 split over programs
     # (stop 23 swept rows x cols x precision: 32 x 128, tf32x3)
-    variants = [{}] + [dict(rows=r, warps=w, stages=st) for r in (16, 32) for w in (4,) for st in (0, 2, 3)
-                       if (r, w, st) != (32, 4, 0)]
+    variants = [{}] + [dict(rows=r, stages=st) for r in (16, 32) for st in (0, 2, 3) if (r, st) != (32, 0)]
     variants += [dict(rows=r, split=sp, warps=w) for r in (32, 64) for sp in (2, 4, 8) for w in (4, 8)]
     ref = torch.ops.dsv4.hc_pre(h2, w, bp, sp, n, it, eps, neps)
     for variant in variants:
