@@ -114,6 +114,28 @@ def test_fused_loss_with_the_kernel_equals_full_logits(monkeypatch):
         assert float((a - r).norm()) <= 1e-5 * float(r.norm())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_kernel_equals_mul(dtype):
+    """ce_kernel.scaled (the backward's g · dW in the weight's dtype) gives ATen's mul into that dtype, over a
+    size that ends in a partial block: bit for bit on CUDA (and in fp32); Triton's interpreter rounds fp32 to
+    bf16 toward zero where the GPU rounds to nearest, so there within one bf16 step."""
+    if not _kernel_here():
+        pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    from dsv4.model import ce_kernel
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 1000, generator=g).to(dev)
+    s = torch.tensor(0.37, device=dev)
+    got = ce_kernel.scaled(x, s, dtype)
+    assert got.dtype == dtype and got.shape == x.shape
+    ref = torch.mul(x, s, out=torch.empty(x.shape, dtype=dtype, device=dev))
+    if dev == "cuda" or dtype == torch.float32:
+        assert torch.equal(got, ref)
+    else:
+        assert float(((got.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-30)).max()) <= 2 ** -7
+        assert float((got.float() - (x * s).float()).abs().max()) > 0          # rounded, not a copy of fp32
+
+
 def test_kernel_compiles_for_hopper():
     from conftest import compile_for_hopper, triton_compiler
     if not triton_compiler():
@@ -122,4 +144,6 @@ def test_kernel_compiles_for_hopper():
     for dt in ("bf16", "fp32"):
         shared = compile_for_hopper(ce_kernel._ce_kernel, {"BLOCK": ce_kernel.BLOCK},
                                     {"Z": dt, "T": "i64", "LOSS": "fp32", "DZ": dt})
+        assert shared <= 227 * 1024, (dt, shared)
+        shared = compile_for_hopper(ce_kernel._scale_kernel, {"BLOCK": 4096}, {"X": "fp32", "G": "fp32", "OUT": dt})
         assert shared <= 227 * 1024, (dt, shared)

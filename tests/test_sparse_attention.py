@@ -154,15 +154,23 @@ def test_cached_kernel_failure_falls_back_to_reference(monkeypatch):
     assert len(rec) == 1 and "shared memory" in sparse_attention.Unavailable.reason
 
 
+@pytest.mark.parametrize("scatter", ["index", "triton"])
 @pytest.mark.parametrize("chunk_elems", [1 << 27, 1000, 1])
-def test_pick_dcomp_sums_each_picks_contribution(chunk_elems, monkeypatch):
+def test_pick_dcomp_sums_each_picks_contribution(chunk_elems, scatter, monkeypatch):
     """pick_dcomp's dense GEMMs give each compressed entry Σ over the (token, pick) pairs that chose it of the
     pick's coefficients times that token's q and dO rows (written out as loops here), with −1 picks ignored;
-    in one chunk, in chunks of 4 tokens and of one token."""
+    in one chunk, in chunks of 4 tokens and of one token; the coefficients scattered by ATen's index_put or by
+    the Triton kernel (on CUDA, or on the CPU under Triton's interpreter). 70 picks per token: the kernel's
+    walk over them takes two steps."""
     from dsv4.model import sparse_attention_bwd as sab
+    from dsv4.model.indexer_kernel import available
+    device = "cuda" if CUDA else "cpu"
+    if scatter == "triton" and not available(torch.empty(1, device=device)):
+        pytest.skip("Triton does not run here (CPU: set TRITON_INTERPRET=1)")
     monkeypatch.setattr(sab.Config, "gemm_chunk_elems", chunk_elems)
+    monkeypatch.setattr(sab.Config, "pick_scatter", scatter)
     g = torch.Generator().manual_seed(0)
-    b, L, k, H, d, ratio = 2, 70, 5, 3, 8, 4
+    b, L, k, H, d, ratio = 2, 300, 70, 3, 8, 4
     sel = torch.full((b, L, k), -1)
     for i in range(b):
         for t in range(L):
@@ -172,7 +180,7 @@ def test_pick_dcomp_sums_each_picks_contribution(chunk_elems, monkeypatch):
     ref = torch.zeros(b, L // ratio, d)
     for i, t, j in sel.ge(0).nonzero().tolist():
         ref[i, sel[i, t, j]] += coef[i, t, j, :H] @ q[i, t] + coef[i, t, j, H:] @ do[i, t]
-    got = sab.pick_dcomp(coef, sel, q, do, L // ratio, ratio)
+    got = sab.pick_dcomp(*(x.to(device) for x in (coef, sel, q, do)), L // ratio, ratio).cpu()
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     assert (ref.abs().sum(-1) > 0).float().mean() > 0.9 and (sel == -1).any()   # most entries picked; some empty
 

@@ -13,7 +13,7 @@ import torch
 
 from .indexer_kernel import available, triton
 
-__all__ = ["available", "loss_and_grad"]
+__all__ = ["available", "loss_and_grad", "scaled"]
 
 BLOCK = 4096            # logits per step of a row's walk
 
@@ -41,6 +41,24 @@ if triton is not None:
             p = tl.exp(x - lse)
             p = tl.where(cols == target, p - 1.0, p)
             tl.store(DZ + row * sdz + cols, p.to(DZ.dtype.element_ty), mask=cols < V)
+
+    @triton.jit
+    def _scale_kernel(X, G, OUT, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        g = tl.load(G).to(tl.float32)
+        x = tl.load(X + i, mask=i < n)
+        tl.store(OUT + i, (x * g).to(OUT.dtype.element_ty), mask=i < n)
+
+
+def scaled(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x · g (g a 0-dim tensor) as a new tensor in `dtype`, in one pass: the head loss's backward scales its fp32
+    dW [V, D] into the weight's dtype. ATen's mul with a bf16 out= takes its unvectorised casting path there:
+    0.52 ms for the bench config's [129K, 1024] on an H200 (stop 26 profile), ~3× what its bytes need."""
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    n = x.numel()
+    _scale_kernel[(triton.cdiv(n, 4096),)](x, g.reshape(1), out, n, BLOCK=4096, num_warps=8)
+    return out
 
 
 def loss_and_grad(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
