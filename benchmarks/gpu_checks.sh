@@ -36,6 +36,9 @@
 #   host     the compiled b1 step without a graph (host-bound, ~0.09 s of host CPU per step in stop 27, not
 #            Python's collector): host_slowdown_diag.py in a fresh process with --cprofile, which host work it is
 #            (~4 min cold)
+#   outstep  stop 28's rewrites (the attention's output step by grouped_output.py, pick_dcomp's Triton scatter,
+#            the head loss's g·dW kernel): their CUDA tests, then output_step_ab.py: each op against the form
+#            it replaced, and the headline row (compiled + graph, b2) with all three on, then off    (~8 min cold)
 #   profile  the compiled + CUDA-graph b2x4096 step under torch.profiler (profile_step.py)  (~4 min cold)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
@@ -141,6 +144,14 @@ want kernels && grep '^{' "$OUT/pre_sweep.log" | cut -c1-200
 want host && step host 300 python3 benchmarks/host_slowdown_diag.py --out "$OUT/host" --variants fresh --batches 1 \
     --cprofile --timeout 280
 want host && cut -c1-200 "$OUT/host.log"; head -60 "$OUT/host/fresh_b1_cprofile.txt" 2>/dev/null
+want outstep && step tests_outstep 170 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v \
+    --timeout 120 tests/test_grouped_output.py tests/test_head_loss.py tests/test_graphed.py \
+    "tests/test_sparse_attention.py::test_pick_dcomp_sums_each_picks_contribution" \
+    "tests/test_sparse_attention.py::test_triton_forward_and_backward_give_reference_gradients"
+want outstep && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests_outstep.log" | tail -30
+want outstep && step outstep_ab ${OUTSTEP_LIMIT:-400} python3 benchmarks/output_step_ab.py --out "$OUT/outstep" \
+    --budget-s 300
+want outstep && grep '^{' "$OUT/outstep_ab.log" | cut -c1-240
 want profile && step profile 330 python3 benchmarks/profile_step.py --out "$OUT" --what train_compiled_graph --batch 2
 want profile && head -3 "$OUT/profile_train_compiled_graph.txt"
 

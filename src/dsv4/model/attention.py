@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from ..numerics import indexer_roundtrip, kv_roundtrip
 from . import indexer_kernel, sparse_attention, sparse_attention_fwd
 from .compressor import Compressor, CompressorState
+from .grouped_output import grouped_output
 from .layers import Linear, RMSNorm, Rotary, unweighted_rms
 
 NEG_INF = float("-inf")
@@ -181,6 +182,8 @@ class Attention(nn.Module):
     fused_cached = True      # chunks through a KV cache (chunked prefill, L > 1) use the Triton forward
                              # (sparse_attention_fwd.py); decode steps (L = 1) keep the reference path
     csa_mask_factor = 4      # CSA picks applied as a mask while n_compressed ≤ factor · top-k, gathered beyond
+    fused_output = "cuda"    # under autograd, the output step by grouped_output.py's ops: "cuda" (there only),
+                             # "always" (the CPU too: tests), "" (never)
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -290,10 +293,12 @@ class Attention(nn.Module):
     def _output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Attention output o [b, L, h, d] -> [b, L, D]."""
         b, L = o.shape[:2]
-        o = Rotary.apply(o, cos, sin, inverse=True)                                  # undo the query-position RoPE
-        # grouped low-rank output projection: each group of h/g heads -> o_lora_rank, then wo_b
         g = self.n_groups
         wo_a = self.wo_a.weight.to(o.dtype).view(g, self.o_lora_rank, -1)
+        if self.fused_output in ("always", "cuda" if o.is_cuda else "") and sparse_attention.needs_grad(o, wo_a):
+            return self.wo_b(grouped_output(o, wo_a, cos, sin))                     # the same, fewer passes
+        o = Rotary.apply(o, cos, sin, inverse=True)                                  # undo the query-position RoPE
+        # grouped low-rank output projection: each group of h/g heads -> o_lora_rank, then wo_b
         o = torch.einsum("blgi,gri->blgr", o.reshape(b, L, g, -1), wo_a)
         return self.wo_b(o.flatten(2))
 

@@ -1,0 +1,66 @@
+"""grouped_output.py (the attention's output step under autograd: inverse RoPE + grouped wo_a without a pass
+over the whole output) equals the plain form of Attention._output: values and gradients, alone and in the
+whole tiny model."""
+import pytest
+import torch
+
+from conftest import random_tiny, rel_diff
+from dsv4.model.attention import Attention
+from dsv4.model.grouped_output import grouped_output
+from dsv4.model.layers import Rotary
+
+
+def _plain(o, w, cos, sin):
+    b, L, _, _ = o.shape
+    o = Rotary.apply(o, cos, sin, inverse=True)
+    return torch.einsum("blgi,gri->blgr", o.reshape(b, L, w.shape[0], -1), w).flatten(2)
+
+
+@pytest.mark.parametrize("b,heads,groups", [(1, 4, 2), (2, 8, 4), (3, 4, 1)])
+def test_values_and_gradients_equal_the_plain_form(b, heads, groups):
+    g = torch.Generator().manual_seed(b)
+    L, d, r, n_out = 7, 16, 8, 5
+    rope = Rotary(r, 10000.0)
+    cos, sin = rope.angles(torch.arange(100, 100 + L))                      # large angles: rotations that matter
+    o = torch.randn(b, L, heads, d, generator=g, requires_grad=True)
+    w = torch.randn(groups, n_out, heads // groups * d, generator=g, requires_grad=True)
+    dy = torch.randn(b, L, groups * n_out, generator=g)
+    ref = _plain(o, w, cos, sin)
+    ref_g = torch.autograd.grad(ref, (o, w), dy)
+    got = grouped_output(o, w, cos, sin)
+    got_g = torch.autograd.grad(got, (o, w), dy)
+    assert got.shape == ref.shape
+    assert rel_diff(got, ref) < 1e-6
+    for a, e in zip(got_g, ref_g):
+        assert rel_diff(a, e) < 1e-6
+    # the rope channels carry the rotation: without it the result would be off by far more than rounding
+    assert rel_diff(got, torch.einsum("blgi,gri->blgr", o.reshape(b, L, groups, -1), w).flatten(2)) > 1e-2
+
+
+def test_whole_model_equal_with_and_without(monkeypatch):
+    """Logits and every gradient of the tiny model (fp32; on CUDA where there is one) with Attention.fused_output
+    on vs off; the op really runs (a failing stand-in surfaces)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_tiny(3).float().to(device).train()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 29), generator=torch.Generator().manual_seed(3)).to(device)
+    outs = []
+    for mode in ("", "always"):
+        monkeypatch.setattr(Attention, "fused_output", mode)
+        model.zero_grad(set_to_none=True)
+        logits = model(ids)
+        logits.logsumexp(-1).mean().backward()
+        outs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, gref), (got, ggot) = outs
+    assert rel_diff(got, ref) < 1e-5 and gref.keys() == ggot.keys()
+    for n, e in gref.items():
+        assert rel_diff(ggot[n], e) < 1e-4, n
+
+    import dsv4.model.attention as attention
+
+    def stand_in(*args):
+        raise RuntimeError("grouped_output ran")
+    monkeypatch.setattr(attention, "grouped_output", stand_in)
+    with pytest.raises(RuntimeError, match="grouped_output ran"):
+        model(ids)
+    with torch.no_grad():                                                 # inference keeps the plain form
+        model(ids)
