@@ -4,7 +4,7 @@ whole tiny model."""
 import pytest
 import torch
 
-from conftest import random_tiny, rel_diff
+from conftest import compile_for_hopper, random_tiny, rel_diff, triton_compiler
 from dsv4.model.attention import Attention
 from dsv4.model.grouped_output import grouped_output
 from dsv4.model.layers import Rotary
@@ -64,3 +64,14 @@ def test_whole_model_equal_with_and_without(monkeypatch):
         model(ids)
     with torch.no_grad():                                                 # inference keeps the plain form
         model(ids)
+
+
+@pytest.mark.skipif(not triton_compiler(), reason="needs Triton's compiler (not its interpreter)")
+def test_rope_kernel_compiles_for_hopper():
+    """The rope kernel compiles for sm90 at V4's sizes (64 of 512 channels, 64 heads), both forms, bf16."""
+    from dsv4.model import grouped_output as go
+    for delta in (True, False):
+        shared = compile_for_hopper(go._rope_kernel, {"H": 64, "D": 512, "R": 64, "SIGN": -1.0, "DELTA": delta,
+                                                      "ROWS": go.ROWS},
+                                    {"X": "bf16", "COS": "fp32", "SIN": "fp32", "OUT": "bf16"}, num_warps=4)
+        assert shared <= 227 * 1024

@@ -21,20 +21,65 @@ from __future__ import annotations
 
 import torch
 
+from .indexer_kernel import available, triton
+
 __all__ = ["grouped_output"]
+
+ROWS = 64                  # (token, head) rows per program of the rope kernel
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    """x [T, h, r] (any strides; rows = tokens of cos/sin [T, r/2]) rotated by sign·θ pairwise, fp32."""
+    """x [b, L, h, r] (any strides) rotated pairwise by sign·θ of its position (cos/sin [L, r/2]), fp32."""
     x = x.float()
     a, b = x[..., 0::2], x[..., 1::2]
     c, s = cos[:, None], sign * sin[:, None]
     return torch.stack((a * c - b * s, a * s + b * c), -1).flatten(-2)
 
 
-def _positions(cos: torch.Tensor, batch: int) -> torch.Tensor:
-    """cos [L, r/2] -> [batch·L, r/2], one row per token of o flattened over (b, L)."""
-    return cos.repeat(batch, 1) if batch > 1 else cos
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _rope_kernel(X, COS, SIN, OUT, n_rows, L, H: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+                     SIGN: tl.constexpr, DELTA: tl.constexpr, ROWS: tl.constexpr):
+        """Rows (token, head) of X [b·L·H, D]: their last R channels rotated pairwise by SIGN·θ, in fp32; DELTA:
+        rotated − original to OUT [rows, R] (X's dtype), else back into X in place."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        ok = rows < n_rows
+        i = tl.arange(0, R // 2)
+        pos = (rows // H) % L                                         # token position of each row
+        x_off = rows.to(tl.int64)[:, None] * D + (D - R) + 2 * i[None, :]
+        a = tl.load(X + x_off, mask=ok[:, None]).to(tl.float32)
+        b = tl.load(X + x_off + 1, mask=ok[:, None]).to(tl.float32)
+        c = tl.load(COS + pos[:, None] * (R // 2) + i[None, :], mask=ok[:, None])
+        s = tl.load(SIN + pos[:, None] * (R // 2) + i[None, :], mask=ok[:, None]) * SIGN
+        ra, rb = a * c - b * s, a * s + b * c
+        if DELTA:
+            d_off = rows.to(tl.int64)[:, None] * R + 2 * i[None, :]
+            tl.store(OUT + d_off, (ra - a).to(OUT.dtype.element_ty), mask=ok[:, None])
+            tl.store(OUT + d_off + 1, (rb - b).to(OUT.dtype.element_ty), mask=ok[:, None])
+        else:
+            tl.store(X + x_off, ra.to(X.dtype.element_ty), mask=ok[:, None])
+            tl.store(X + x_off + 1, rb.to(X.dtype.element_ty), mask=ok[:, None])
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, sign: float, delta: bool):
+    """x [b, L, h, d] contiguous: its last r channels rotated by sign·θ — delta: (rotated − original) as a new
+    [b·L, h·r] tensor in x's dtype; else rotated in place. One Triton pass where Triton runs (the PyTorch form is
+    ~10 elementwise kernels over [b·L·h, r] in fp32)."""
+    b, L, h, d = x.shape
+    if available(x) and not (r // 2) & (r // 2 - 1):                    # (tl.arange: a power of two)
+        out = torch.empty(b * L, h * r, dtype=x.dtype, device=x.device) if delta else x
+        n = b * L * h
+        _rope_kernel[(triton.cdiv(n, ROWS),)](x, cos, sin, out, n, L, H=h, D=d, R=r, SIGN=sign, DELTA=delta,
+                                               ROWS=ROWS)
+        return out
+    part = x[..., d - r:]
+    rot = _rotate(part, cos, sin, sign)
+    if delta:
+        return (rot - part.float()).to(x.dtype).view(b * L, h * r)
+    part.copy_(rot)
+    return x
 
 
 @torch.library.custom_op("dsv4::grouped_output", mutates_args=())
@@ -45,9 +90,7 @@ def _forward(o: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     g, n_out, i = w.shape
     r = 2 * cos.shape[-1]
     T = b * L
-    rope = o.view(T, h, d)[..., d - r:]                                         # [T, h, r] strided
-    delta = (_rotate(rope, _positions(cos, b), _positions(sin, b), -1.0) - rope.float()).to(o.dtype)
-    delta = delta.view(T, g, (h // g) * r)
+    delta = _rope(o, cos, sin, r, -1.0, delta=True).view(T, g, (h // g) * r)
     w_rope = w.view(g, n_out, h // g, d)[..., d - r:].reshape(g, n_out, -1)     # [g, o_lora, h/g·r]
     y = torch.bmm(o.view(T, g, i).transpose(0, 1), w.transpose(1, 2))          # [g, T, o_lora]
     y.baddbmm_(delta.transpose(0, 1), w_rope.transpose(1, 2))
@@ -72,8 +115,7 @@ def _backward_op(dy: torch.Tensor, o: torch.Tensor, delta: torch.Tensor, w: torc
     dy_g = dy.reshape(T, g, n_out).transpose(0, 1)                              # [g, T, o_lora]
     do = torch.empty(T, g, i, dtype=o.dtype, device=o.device)
     torch.bmm(dy_g, w, out=do.transpose(0, 1))                                  # written in o's layout
-    rope = do.view(T, h, d)[..., d - r:]
-    rope.copy_(_rotate(rope, _positions(cos, b), _positions(sin, b), 1.0))
+    _rope(do.view(b, L, h, d), cos, sin, r, 1.0, delta=False)
     dyt = dy_g.transpose(1, 2)                                                  # [g, o_lora, T]
     dw = torch.bmm(dyt, o.view(T, g, i).transpose(0, 1))                        # [g, o_lora, i]
     dw.view(g, n_out, h // g, d)[..., d - r:] += torch.bmm(dyt, delta.transpose(0, 1)).view(g, n_out, h // g, r)
