@@ -37,6 +37,26 @@ def test_values_and_gradients_equal_the_plain_form(b, heads, groups):
     assert rel_diff(got, torch.einsum("blgi,gri->blgr", o.reshape(b, L, groups, -1), w).flatten(2)) > 1e-2
 
 
+def test_under_autocast_as_the_plain_form():
+    """fp32 o and w under bf16 autocast (as `dsv4 train` runs): bf16 result and fp32 gradients, as the plain
+    form's autocast einsum gives them, within bf16 rounding."""
+    g = torch.Generator().manual_seed(9)
+    cos, sin = Rotary(8, 10000.0).angles(torch.arange(50, 56))
+    o = torch.randn(2, 6, 4, 16, generator=g, requires_grad=True)
+    w = torch.randn(2, 5, 32, generator=g, requires_grad=True)
+    dy = torch.randn(2, 6, 10, generator=g)
+    outs = []
+    for fn in (_plain, grouped_output):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(o, w, cos, sin)
+        outs.append((y, torch.autograd.grad(y, (o, w), dy.to(y.dtype))))
+    (ref, ref_g), (got, got_g) = outs
+    assert got.dtype == ref.dtype == torch.bfloat16
+    assert rel_diff(got, ref) < 1e-2
+    for a, e in zip(got_g, ref_g):
+        assert a.dtype == torch.float32 and rel_diff(a, e) < 1e-2
+
+
 def test_whole_model_equal_with_and_without(monkeypatch):
     """Logits and every gradient of the tiny model (fp32; on CUDA where there is one) with Attention.fused_output
     on vs off; the op really runs (a failing stand-in surfaces)."""

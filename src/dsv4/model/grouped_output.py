@@ -143,6 +143,13 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup)
 
 def grouped_output(o: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Inverse RoPE then the grouped projection: o [b, L, h, d] (positions of cos/sin [L, r/2], fp32), w
-    [g, o_lora, h/g·d] in o's dtype -> [b, L, g·o_lora], as `Attention._output` computes before wo_b."""
-    return torch.ops.dsv4.grouped_output(o.contiguous(), w.contiguous(), cos.float().contiguous(),
-                                         sin.float().contiguous())[0]
+    [g, o_lora, h/g·d] in o's dtype -> [b, L, g·o_lora], as `Attention._output` computes before wo_b. Under
+    autocast both go in the autocast dtype, as the plain form's einsum takes them (the ops themselves run with
+    autocast off: their GEMMs and in-place additions keep one dtype)."""
+    dev = o.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        o, w = o.to(dt), w.to(dt)
+    with torch.autocast(dev, enabled=False):
+        return torch.ops.dsv4.grouped_output(o.contiguous(), w.contiguous(), cos.float().contiguous(),
+                                             sin.float().contiguous())[0]
