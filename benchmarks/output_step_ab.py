@@ -12,7 +12,8 @@
   op     each part alone at the bench config's b2x4096 shapes, ms per call (CUDA events over 20 calls back to
          back, bench_gpu.timed_device), and how far apart the two forms' results are
   train  the README's headline row (compiled blocks + CUDA graph, LM loss through the fused head loss, b2x4096)
-         with all three rewrites on ("now", first), then off ("before"; the blocks recompile)
+         with all three rewrites on ("now", first), without the output step's, then with none ("before"); the
+         blocks recompile for each
 Writes DIR/output_step_ab.json after every record.
 """
 from __future__ import annotations
@@ -51,6 +52,35 @@ def _plain_output(o, w, cos, sin):
     return torch.einsum("blgi,gri->blgr", o.reshape(b, L, w.shape[0], -1), w).flatten(2)
 
 
+def output_pieces(o, w, cos, sin, dy) -> None:
+    """Where grouped_output's time goes: each op alone, then its GEMMs and rope passes one by one."""
+    from dsv4.model import grouped_output as go
+    b, L, h, d = o.shape
+    g, n_out, i = w.shape
+    T, r = b * L, 2 * cos.shape[-1]
+    y, delta = torch.ops.dsv4.grouped_output(o, w, cos, sin)
+    plain = torch.compile(_plain_output)
+    do_c = torch.empty(g, T, i, dtype=o.dtype, device=o.device)
+    do_s = torch.empty(T, g, i, dtype=o.dtype, device=o.device)
+    dy_g = dy.reshape(T, g, n_out).transpose(0, 1)
+    pieces = {
+        "plain forward (compiled, no grad)": lambda: plain(o, w, cos, sin),
+        "op forward": lambda: torch.ops.dsv4.grouped_output(o, w, cos, sin),
+        "op backward": lambda: torch.ops.dsv4.grouped_output_backward(dy, o, delta, w, cos, sin),
+        "rope delta kernel": lambda: go._rope(o, cos, sin, r, -1.0, delta=True),
+        "rope in-place kernel": lambda: go._rope(do_s.view(b, L, h, d), cos, sin, r, 1.0, delta=False),
+        "bmm y = o_g W_g^T (o strided)": lambda: torch.bmm(o.view(T, g, i).transpose(0, 1), w.transpose(1, 2)),
+        "bmm y, o copied group-major first": lambda: torch.bmm(o.view(T, g, i).transpose(0, 1).contiguous(),
+                                                               w.transpose(1, 2)),
+        "bmm do into o's layout (out=)": lambda: torch.bmm(dy_g, w, out=do_s.transpose(0, 1)),
+        "bmm do group-major (out=)": lambda: torch.bmm(dy_g, w, out=do_c),
+        "bmm dw = dy^T o_g": lambda: torch.bmm(dy_g.transpose(1, 2), o.view(T, g, i).transpose(0, 1)),
+        "mm per group, do into o's layout": lambda: [torch.mm(dy_g[k], w[k], out=do_s[:, k]) for k in range(g)],
+    }
+    for name, fn in pieces.items():
+        log(what="op", part="output pieces", piece=name, ms=timed_device(fn) * 1e3)
+
+
 def op(cfg, s: int = 4096) -> None:
     b, h, d, g, r = 2, cfg.num_attention_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank
     torch.manual_seed(0)
@@ -71,6 +101,7 @@ def op(cfg, s: int = 4096) -> None:
         log(what="op", part="output", form=name, ms=timed_device(step) * 1e3)
     (y0, g0), (y1, g1) = res["plain"], res["grouped_output"]
     log(what="op_diff", part="output", out_rel=rel_diff(y1, y0), grad_rel=[rel_diff(a, e) for a, e in zip(g1, g0)])
+    output_pieces(o.detach(), w.detach(), cos, sin, dy)
 
     # pick_dcomp at a CSA layer's shapes: b2 x 4096 tokens, 256 picks of 1024 entries, 16 heads
     n, k = s // 4, cfg.index_topk
@@ -105,14 +136,17 @@ def train(cfg, deadline: float) -> None:
     peak = bench_gpu.matmul_peak()
     bench_gpu.TRAIN_SHAPES = [(2, 4096)]
     compile_blocks(model)
-    for now in (True, False):
+    for label, now, output in (("now", True, "cuda"), ("now without grouped_output", True, ""),
+                               ("before", False, "")):
         if time.time() > deadline:
             return
         use(now)
+        Attention.fused_output = output
+        torch._dynamo.reset()          # the blocks recompile: dynamo does not guard on these class attributes
         t = time.time()
-        bench_gpu.bench_train(cfg, model, peak, "compiled blocks, CUDA graph, " + ("now" if now else "before"),
-                              mtp=False, chunked_loss=True, graph=True)
-        log(what="row_s", now=now, s=time.time() - t)
+        bench_gpu.bench_train(cfg, model, peak, "compiled blocks, CUDA graph, " + label, mtp=False,
+                              chunked_loss=True, graph=True)
+        log(what="row_s", variant=label, s=time.time() - t)
     use(True)
 
 
