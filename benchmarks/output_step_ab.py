@@ -52,6 +52,16 @@ def _plain_output(o, w, cos, sin):
     return torch.einsum("blgi,gri->blgr", o.reshape(b, L, w.shape[0], -1), w).flatten(2)
 
 
+def graph_timed(fn, reps: int = 20) -> float:
+    """Seconds per call of fn's kernels alone: fn captured once in a CUDA graph, the graph replayed `reps` times
+    between two CUDA events (no host work: pick_dcomp's Python loop over chunks otherwise sets the pace)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timed_device(graph.replay, reps)
+
+
 def output_pieces(o, w, cos, sin, dy) -> None:
     """Where grouped_output's time goes: each op alone, then its GEMMs and rope passes one by one."""
     from dsv4.model import grouped_output as go
@@ -115,7 +125,8 @@ def op(cfg, s: int = 4096) -> None:
         sparse_attention_bwd.Config.pick_scatter = form
         res[form] = sparse_attention_bwd.pick_dcomp(coef, sel, q, do, n, 4)
         log(what="op", part="pick_dcomp", form=form,
-            ms=timed_device(lambda: sparse_attention_bwd.pick_dcomp(coef, sel, q, do, n, 4)) * 1e3)
+            ms=timed_device(lambda: sparse_attention_bwd.pick_dcomp(coef, sel, q, do, n, 4)) * 1e3,
+            graph_ms=graph_timed(lambda: sparse_attention_bwd.pick_dcomp(coef, sel, q, do, n, 4)) * 1e3)
     log(what="op_diff", part="pick_dcomp", equal=bool(torch.equal(res["index"], res["triton"])),
         rel=rel_diff(res["triton"], res["index"]))
 

@@ -59,21 +59,23 @@ def test_under_autocast_as_the_plain_form():
 
 def test_whole_model_equal_with_and_without(monkeypatch):
     """Logits and every gradient of the tiny model (fp32; on CUDA where there is one) with Attention.fused_output
-    on vs off; the op really runs (a failing stand-in surfaces)."""
+    on vs off; the op really runs (a failing stand-in surfaces). Within 1e-4, or 10× what two runs without it
+    differ by (on CUDA the attention backward's atomic adds make runs differ: embed.weight by 1.4e-4 once on an
+    H200); a wrong rotation or projection would be off by O(1)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_tiny(3).float().to(device).train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 29), generator=torch.Generator().manual_seed(3)).to(device)
     outs = []
-    for mode in ("", "always"):
+    for mode in ("", "", "always"):
         monkeypatch.setattr(Attention, "fused_output", mode)
         model.zero_grad(set_to_none=True)
         logits = model(ids)
         logits.logsumexp(-1).mean().backward()
         outs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (ref, gref), (got, ggot) = outs
-    assert rel_diff(got, ref) < 1e-5 and gref.keys() == ggot.keys()
+    (ref, gref), (again, gagain), (got, ggot) = outs
+    assert rel_diff(got, ref) < max(1e-5, 10 * rel_diff(again, ref)) and gref.keys() == ggot.keys()
     for n, e in gref.items():
-        assert rel_diff(ggot[n], e) < 1e-4, n
+        assert rel_diff(ggot[n], e) < max(1e-4, 10 * rel_diff(gagain[n], e)), n
 
     import dsv4.model.attention as attention
 

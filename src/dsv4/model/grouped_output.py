@@ -43,24 +43,28 @@ if triton is not None:
     def _rope_kernel(X, COS, SIN, OUT, n_rows, L, H: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
                      SIGN: tl.constexpr, DELTA: tl.constexpr, ROWS: tl.constexpr):
         """Rows (token, head) of X [b·L·H, D]: their last R channels rotated pairwise by SIGN·θ, in fp32; DELTA:
-        rotated − original to OUT [rows, R] (X's dtype), else back into X in place."""
+        rotated − original to OUT [rows, R] (X's dtype), else back into X in place. Each row's R channels are
+        read and written as one contiguous piece, the pairs split apart in registers (loading the even and the
+        odd channels separately, 2-byte accesses at a stride, took 0.15 ms at b2×4096 on an H200)."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         ok = rows < n_rows
+        ch = tl.arange(0, R)
         i = tl.arange(0, R // 2)
         pos = (rows // H) % L                                         # token position of each row
-        x_off = rows.to(tl.int64)[:, None] * D + (D - R) + 2 * i[None, :]
-        a = tl.load(X + x_off, mask=ok[:, None]).to(tl.float32)
-        b = tl.load(X + x_off + 1, mask=ok[:, None]).to(tl.float32)
+        x_off = rows.to(tl.int64)[:, None] * D + (D - R) + ch[None, :]
+        x = tl.load(X + x_off, mask=ok[:, None]).to(tl.float32)      # [ROWS, R]
+        a, b = tl.split(tl.reshape(x, (ROWS, R // 2, 2)))              # channels 2i, 2i + 1: [ROWS, R/2] each
         c = tl.load(COS + pos[:, None] * (R // 2) + i[None, :], mask=ok[:, None])
         s = tl.load(SIN + pos[:, None] * (R // 2) + i[None, :], mask=ok[:, None]) * SIGN
         ra, rb = a * c - b * s, a * s + b * c
         if DELTA:
-            d_off = rows.to(tl.int64)[:, None] * R + 2 * i[None, :]
-            tl.store(OUT + d_off, (ra - a).to(OUT.dtype.element_ty), mask=ok[:, None])
-            tl.store(OUT + d_off + 1, (rb - b).to(OUT.dtype.element_ty), mask=ok[:, None])
+            ra, rb = ra - a, rb - b
+        out = tl.reshape(tl.join(ra, rb), (ROWS, R))
+        if DELTA:
+            tl.store(OUT + rows.to(tl.int64)[:, None] * R + ch[None, :], out.to(OUT.dtype.element_ty),
+                     mask=ok[:, None])
         else:
-            tl.store(X + x_off, ra.to(X.dtype.element_ty), mask=ok[:, None])
-            tl.store(X + x_off + 1, rb.to(X.dtype.element_ty), mask=ok[:, None])
+            tl.store(X + x_off, out.to(X.dtype.element_ty), mask=ok[:, None])
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, sign: float, delta: bool):
