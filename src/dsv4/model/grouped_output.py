@@ -15,7 +15,9 @@ The batched GEMMs read o in place (the groups are a stride, not a copy) and writ
 only the rope channels (1/8 of o) are touched elementwise. Both directions are torch custom ops, so a compiled
 block calls them as they are (Inductor would otherwise re-materialise the strided views it cannot see through).
 Equal to the plain form up to rounding: in fp32 up to summation order (tests/test_grouped_output.py); in bf16
-the forward rounds Δ, not the rotated channels, to bf16.
+the forward rounds Δ, not the rotated channels, to bf16. H200, b2×4096 (stop 28, `benchmarks/output_step_ab.py`):
+forward 0.14 ms against 0.24 for the compiled plain forward, backward 0.16 ms; the compiled + CUDA-graph training
+step 72.8 -> 71.2 ms.
 """
 from __future__ import annotations
 
