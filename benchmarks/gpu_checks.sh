@@ -39,6 +39,9 @@
 #   outstep  stop 28's rewrites (the attention's output step by grouped_output.py, pick_dcomp's Triton scatter,
 #            the head loss's g·dW kernel): their CUDA tests, then output_step_ab.py: each op against the form
 #            it replaced, and the headline row (compiled + graph, b2) with all three on, then off    (~8 min cold)
+#   attnop   the attention's training call as a custom op (sparse_attention.AsOp, opt-in since stop 28: no graph
+#            break per block): its CUDA tests, then output_step_ab.py --sections attnop (compiled + graph and
+#            compiled without a graph, b2, off / on); if it wins, make AsOp.enabled the default   (~8 min cold)
 #   profile  the compiled + CUDA-graph b2x4096 step under torch.profiler (profile_step.py)  (~4 min cold)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
@@ -152,6 +155,13 @@ want outstep && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests_outstep.
 want outstep && step outstep_ab ${OUTSTEP_LIMIT:-400} python3 benchmarks/output_step_ab.py --out "$OUT/outstep" \
     --budget-s 300
 want outstep && grep '^{' "$OUT/outstep_ab.log" | cut -c1-240
+want attnop && step tests_attnop 200 python3 -m pytest -p no:cacheprovider -o addopts= -rfs --tb=short -v \
+    --timeout 150 "tests/test_sparse_attention.py::test_attention_op_compiles_into_one_graph" \
+    "tests/test_sparse_attention.py::test_triton_forward_and_backward_give_reference_gradients"
+want attnop && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests_attnop.log" | tail -10
+want attnop && step attnop_ab 380 python3 benchmarks/output_step_ab.py --out "$OUT/attnop" --sections attnop \
+    --budget-s 330
+want attnop && grep '^{' "$OUT/attnop_ab.log" | cut -c1-240
 want profile && step profile 330 python3 benchmarks/profile_step.py --out "$OUT" --what train_compiled_graph --batch 2
 want profile && head -3 "$OUT/profile_train_compiled_graph.txt"
 

@@ -14,6 +14,9 @@
   train  the README's headline row (compiled blocks + CUDA graph, LM loss through the fused head loss, b2x4096)
          with all three rewrites on ("now", first), without the output step's, then with none ("before"); the
          blocks recompile for each
+  attnop the attention's training call as the custom op dsv4::sparse_mqa (sparse_attention.AsOp, opt-in: each
+         compiled block one graph) against the autograd Function between two graphs: the headline row, then
+         compiled blocks without a CUDA graph (host-bound rows), each off / on (not among the default sections)
 Writes DIR/output_step_ab.json after every record.
 """
 from __future__ import annotations
@@ -163,6 +166,29 @@ def train(cfg, deadline: float) -> None:
     use(True)
 
 
+def attnop(cfg, deadline: float) -> None:
+    from dsv4.model import sparse_attention
+    model = build(cfg)
+    Transformer.head_fp32 = False
+    peak = bench_gpu.matmul_peak()
+    bench_gpu.TRAIN_SHAPES = [(2, 4096)]
+    compile_blocks(model)
+    for graph in (True, False):
+        for on in (False, True):
+            if time.time() > deadline:
+                return
+            sparse_attention.AsOp.enabled = on
+            torch._dynamo.reset()
+            t = time.time()
+            label = f"compiled blocks{', CUDA graph' if graph else ''}, attention {'op' if on else 'Function'}"
+            bench_gpu.bench_train(cfg, model, peak, label, mtp=False, chunked_loss=True, graph=graph)
+            breaks = torch._dynamo.utils.counters["graph_break"]
+            log(what="row_s", variant=label, s=time.time() - t, graph_breaks=sum(breaks.values()),
+                graph_break_reasons=sorted(breaks)[:3])
+            breaks.clear()
+    sparse_attention.AsOp.enabled = False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -177,6 +203,8 @@ def main() -> int:
         op(cfg)
     if "train" in sections:
         train(cfg, deadline)
+    if "attnop" in sections:
+        attnop(cfg, deadline)
     return 0
 
 

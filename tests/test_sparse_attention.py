@@ -5,7 +5,7 @@ backward."""
 import pytest
 import torch
 
-from conftest import compile_for_hopper, random_tiny, triton_compiler
+from conftest import compile_for_hopper, random_tiny, rel_diff, triton_compiler
 from dsv4.model import sparse_attention
 from dsv4.model.attention import Attention
 
@@ -274,15 +274,20 @@ def test_triton_forward_fits_hopper_at_v4_head_counts(heads):
         assert shared <= 227 * 1024, (tb_, mode, shared)
 
 
-def test_triton_forward_and_backward_give_reference_gradients(flex_anywhere, monkeypatch):
+@pytest.mark.parametrize("as_op", [False, True])
+def test_triton_forward_and_backward_give_reference_gradients(flex_anywhere, monkeypatch, as_op):
     """Training with both Triton kernels (Forward.triton: the forward's output and log-denominator feed the
-    backward): every parameter gradient equals the reference path's (fp32)."""
+    backward): every parameter gradient equals the reference path's (fp32). as_op: through the custom ops
+    (sparse_attention.AsOp), not the autograd Function (made to fail here)."""
     from dsv4.model import sparse_attention_bwd
     if not (_triton_here() and sparse_attention_bwd.available(torch.empty(1, 16, device=flex_anywhere))):
         pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
     monkeypatch.setattr(sparse_attention.Forward, "triton", True)
     monkeypatch.setattr(sparse_attention.Backward, "triton", True)
+    monkeypatch.setattr(sparse_attention.AsOp, "enabled", as_op)
     monkeypatch.setattr(Attention, "fused_training", True)
+    if as_op:
+        monkeypatch.setattr(sparse_attention, "_sparse_mqa", None)       # calling it would raise
     calls = _count_calls(monkeypatch)
     model = random_tiny(6).float().to(flex_anywhere).train()
     ids = torch.randint(0, model.cfg.vocab_size, (2, 90), generator=torch.Generator().manual_seed(3)).to(flex_anywhere)
@@ -301,7 +306,7 @@ def test_without_the_triton_backward_gradients_still_flow(flex_anywhere, monkeyp
 
     def triton_forward(*args, **kwargs):
         raise AssertionError("the Triton forward ran where gradients are needed")
-    monkeypatch.setattr(sparse_attention, "_backward_compiles", lambda q: False)
+    monkeypatch.setattr(sparse_attention, "_backward_ready", lambda q: False)
     monkeypatch.setattr(sparse_attention.Forward, "triton", True)
     monkeypatch.setattr(sparse_attention_fwd, "available", lambda q: True)
     monkeypatch.setattr(sparse_attention_fwd, "forward", triton_forward)
@@ -320,3 +325,37 @@ def test_without_the_triton_backward_gradients_still_flow(flex_anywhere, monkeyp
         grads = _reference_and_fused_grads(model, ids, monkeypatch)
         for n, ref in grads[0].items():
             assert float((grads[1][n] - ref).norm()) <= 1e-3 * float(ref.norm()) + 1e-9, n
+
+
+def test_attention_op_compiles_into_one_graph(flex_anywhere, monkeypatch):
+    """With sparse_attention.AsOp on, a CSA and an HCA attention layer compile with fullgraph=True (a graph break
+    would raise: the autograd Function's torch.compiler.disable breaks every block's graph at the attention), and
+    the compiled layer's output and gradients equal eager ones. (On the CPU: Triton's interpreter runs the
+    kernels; the indexer scores by its reference path, whose Triton kernel Inductor cannot take on the CPU.)"""
+    from dsv4.model import sparse_attention_bwd
+    from dsv4.model.attention import Indexer
+    if not (_triton_here() and sparse_attention_bwd.available(torch.empty(1, 16, device=flex_anywhere))):
+        pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    monkeypatch.setattr(sparse_attention.Forward, "triton", True)
+    monkeypatch.setattr(sparse_attention.Backward, "triton", True)
+    monkeypatch.setattr(sparse_attention.AsOp, "enabled", True)
+    monkeypatch.setattr(Attention, "fused_training", True)
+    monkeypatch.setattr(Indexer, "fused", False)
+    model = random_tiny(4).float().to(flex_anywhere).train()
+    calls = _count_calls(monkeypatch)
+    for layer in (1, 2):                                           # CSA (ratio 4), HCA (ratio 16)
+        attn = model.layers[layer].attn
+        x = torch.randn(2, 40, model.cfg.hidden_size, generator=torch.Generator().manual_seed(layer))
+        x = x.to(flex_anywhere).requires_grad_()
+        params = [p for p in attn.parameters() if p.requires_grad]
+        outs = []
+        for fn in (attn, torch.compile(attn, fullgraph=True)):
+            y = fn(x)
+            outs.append((y.detach(), torch.autograd.grad(y.square().sum(), [x] + params, allow_unused=True)))
+        torch._dynamo.reset()
+        (ref, gref), (got, ggot) = outs
+        assert rel_diff(got, ref) < 1e-5
+        for a, e in zip(ggot, gref):
+            if e is not None:
+                assert rel_diff(a, e) < 1e-4
+    assert len(calls) >= 4                                          # the Triton forward ran, eager and compiled

@@ -58,7 +58,9 @@ def attend(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: to
     compiling here, e.g. fp32 at head_dim 512 on an H100) FlexAttention's differentiable forward runs: the Triton
     forward is a plain kernel, its output would carry no gradient back."""
     grad = needs_grad(q, kv, comp, sink)
-    if grad and Backward.triton and sparse_attention_bwd.available(q) and _backward_compiles(q):
+    if grad and Backward.triton and sparse_attention_bwd.available(q) and _backward_ready(q):
+        if AsOp.enabled and kernel_options is None:
+            return torch.ops.dsv4.sparse_mqa(q, kv, comp, sink, sel, window, ratio)[0]
         return _sparse_mqa(q, kv, comp, sink, sel, window, ratio, kernel_options)
     return _output_and_lse(q, kv, comp, sel, sink, window, ratio, kernel_options, triton=not grad)[0]
 
@@ -91,6 +93,14 @@ class Backward:
 class Forward:
     triton = True            # the Triton forward (sparse_attention_fwd.py; 4-6x faster per layer than FlexAttention's
                              # on an H100 at b2x4096, benchmarks/results/2026-11-23_h100_fwd); False: FlexAttention
+
+
+class AsOp:
+    """enabled: the training call (Triton backward) as the torch custom op dsv4::sparse_mqa, which compiled blocks
+    trace into one graph, instead of the autograd Function behind `torch.compiler.disable`, which splits each
+    block's graph in two at the attention (the block input's gradient is then summed between graphs, and every
+    split costs host work per step). Opt-in until measured on a GPU (`benchmarks/gpu_checks.sh` part attnop)."""
+    enabled = False
 
 
 class Unavailable:
@@ -126,6 +136,13 @@ def _or_none(fn, *args, **kwargs):
 
 
 _backward_ok: dict = {}
+
+
+def _backward_ready(q: torch.Tensor) -> bool:
+    """_backward_compiles, asked only the first time per (device, heads, head size, dtype): a traced call then
+    reads the answer and does not break the graph."""
+    ok = _backward_ok.get((q.device, q.shape[2], q.shape[3], q.dtype))
+    return _backward_compiles(q) if ok is None else ok
 
 
 @torch.compiler.disable
@@ -179,6 +196,51 @@ class _SparseMQA(torch.autograd.Function):
 @torch.compiler.disable       # inside compiled blocks (train --compile) the Function runs as is, between graphs
 def _sparse_mqa(*args):
     return _SparseMQA.apply(*args)
+
+
+# The same call as torch custom ops (AsOp.enabled): forward and backward opaque to torch.compile, with autograd.
+@torch.library.custom_op("dsv4::sparse_mqa", mutates_args=())
+def _mqa_op(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sink: torch.Tensor,
+            sel: torch.Tensor | None, window: int, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> o [b, L, h, d] (q's dtype), log-denominator with the sink [b, L, h] fp32."""
+    return _output_and_lse(q, kv, comp, sel, sink, window, ratio, None)
+
+
+@_mqa_op.register_fake
+def _(q, kv, comp, sink, sel, window, ratio):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4::sparse_mqa_backward", mutates_args=())
+def _mqa_backward_op(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: torch.Tensor | None,
+                     out: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor, window: int,
+                     ratio: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dkv (kv's dtype), dcomp (comp's dtype; empty without comp), dsink (sink's dtype)."""
+    dq, dkv, dcomp, dsink = sparse_attention_bwd.backward(q, kv, comp, sel, out, do, lse, sink, window, ratio)
+    dcomp = q.new_empty(0) if comp is None else dcomp.to(comp.dtype)
+    return dq, dkv.to(kv.dtype), dcomp, dsink.to(sink.dtype)
+
+
+@_mqa_backward_op.register_fake
+def _(q, kv, comp, sel, out, do, lse, sink, window, ratio):
+    return (torch.empty_like(q), torch.empty_like(kv), q.new_empty(0) if comp is None else torch.empty_like(comp),
+            torch.empty_like(sink))
+
+
+def _mqa_setup(ctx, inputs, output):
+    q, kv, comp, sink, sel, window, ratio = inputs
+    ctx.save_for_backward(q, kv, comp, sel, output[0], output[1], sink)
+    ctx.window, ctx.ratio, ctx.has_comp = window, ratio, comp is not None
+
+
+def _mqa_backward(ctx, do, _dlse):
+    q, kv, comp, sel, out, lse, sink = ctx.saved_tensors
+    dq, dkv, dcomp, dsink = torch.ops.dsv4.sparse_mqa_backward(q, kv, comp, sel, out, do, lse, sink, ctx.window,
+                                                               ctx.ratio)
+    return dq, dkv, (dcomp if ctx.has_comp else None), dsink, None, None, None
+
+
+_mqa_op.register_autograd(_mqa_backward, setup_context=_mqa_setup)
 
 
 def _forward(q, kv, comp, sel, window, ratio, kernel_options):
