@@ -274,18 +274,23 @@ def test_triton_forward_fits_hopper_at_v4_head_counts(heads):
         assert shared <= 227 * 1024, (tb_, mode, shared)
 
 
-@pytest.mark.parametrize("as_op", [False, True])
-def test_triton_forward_and_backward_give_reference_gradients(flex_anywhere, monkeypatch, as_op):
-    """Training with both Triton kernels (Forward.triton: the forward's output and log-denominator feed the
-    backward): every parameter gradient equals the reference path's (fp32). as_op: through the custom ops
-    (sparse_attention.AsOp), not the autograd Function (made to fail here)."""
+def _triton_training(device: str, monkeypatch, as_op: bool) -> None:
+    """Both Triton kernels for training (skip where Triton does not run); as_op: as the custom ops."""
     from dsv4.model import sparse_attention_bwd
-    if not (_triton_here() and sparse_attention_bwd.available(torch.empty(1, 16, device=flex_anywhere))):
+    if not (_triton_here() and sparse_attention_bwd.available(torch.empty(1, 16, device=device))):
         pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
     monkeypatch.setattr(sparse_attention.Forward, "triton", True)
     monkeypatch.setattr(sparse_attention.Backward, "triton", True)
     monkeypatch.setattr(sparse_attention.AsOp, "enabled", as_op)
     monkeypatch.setattr(Attention, "fused_training", True)
+
+
+@pytest.mark.parametrize("as_op", [False, True])
+def test_triton_forward_and_backward_give_reference_gradients(flex_anywhere, monkeypatch, as_op):
+    """Training with both Triton kernels (Forward.triton: the forward's output and log-denominator feed the
+    backward): every parameter gradient equals the reference path's (fp32). as_op: through the custom ops
+    (sparse_attention.AsOp), not the autograd Function (made to fail here)."""
+    _triton_training(flex_anywhere, monkeypatch, as_op)
     if as_op:
         monkeypatch.setattr(sparse_attention, "_sparse_mqa", None)       # calling it would raise
     calls = _count_calls(monkeypatch)
@@ -332,14 +337,8 @@ def test_attention_op_compiles_into_one_graph(flex_anywhere, monkeypatch):
     would raise: the autograd Function's torch.compiler.disable breaks every block's graph at the attention), and
     the compiled layer's output and gradients equal eager ones. (On the CPU: Triton's interpreter runs the
     kernels; the indexer scores by its reference path, whose Triton kernel Inductor cannot take on the CPU.)"""
-    from dsv4.model import sparse_attention_bwd
     from dsv4.model.attention import Indexer
-    if not (_triton_here() and sparse_attention_bwd.available(torch.empty(1, 16, device=flex_anywhere))):
-        pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
-    monkeypatch.setattr(sparse_attention.Forward, "triton", True)
-    monkeypatch.setattr(sparse_attention.Backward, "triton", True)
-    monkeypatch.setattr(sparse_attention.AsOp, "enabled", True)
-    monkeypatch.setattr(Attention, "fused_training", True)
+    _triton_training(flex_anywhere, monkeypatch, as_op=True)
     monkeypatch.setattr(Indexer, "fused", False)
     model = random_tiny(4).float().to(flex_anywhere).train()
     calls = _count_calls(monkeypatch)
