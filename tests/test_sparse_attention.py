@@ -358,3 +358,37 @@ def test_attention_op_compiles_into_one_graph(flex_anywhere, monkeypatch):
             if e is not None:
                 assert rel_diff(a, e) < 1e-4
     assert len(calls) >= 4                                          # the Triton forward ran, eager and compiled
+
+
+def test_with_the_attention_op_a_block_traces_to_one_graph(flex_anywhere, monkeypatch):
+    """A whole CSA block (bf16: the grouped experts' GEMMs, as training runs them on a GPU) traces to one graph
+    with sparse_attention.AsOp on; with the autograd Function it breaks into several (the disabled call sits
+    frames deep, and dynamo splits each frame). The mHC kernels are off here: under Triton's interpreter they
+    cannot take the fake tensors of a trace."""
+    from dsv4.model.attention import Indexer
+    from dsv4.model.mhc import Fusion
+    from dsv4.model.moe import MoE
+    _triton_training(flex_anywhere, monkeypatch, as_op=True)
+    monkeypatch.setattr(Indexer, "fused", False)
+    monkeypatch.setattr(Fusion, "pre_kernel", False)
+    monkeypatch.setattr(Fusion, "expand_kernel", False)
+    monkeypatch.setattr(MoE, "impl", "grouped")
+    model = random_tiny(4).to(device=flex_anywhere, dtype=torch.bfloat16).train()
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 40, model.cfg.hc_mult, model.cfg.hidden_size, generator=g).to(flex_anywhere, torch.bfloat16)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=g).to(flex_anywhere)
+    counts = []
+    for on in (True, False):
+        monkeypatch.setattr(sparse_attention.AsOp, "enabled", on)
+        counts.append(torch._dynamo.explain(model.layers[1])(h.requires_grad_(), ids).graph_count)
+        torch._dynamo.reset()
+    assert counts[0] == 1 and counts[1] > 1, counts
+
+
+def test_attention_op_says_when_the_triton_backward_cannot_compile(monkeypatch):
+    """The custom-op path has no FlexAttention fallback inside a traced graph: where the Triton backward does not
+    compile, its first run stops with an error that names the switch, instead of failing mid-backward."""
+    monkeypatch.setattr(sparse_attention, "_backward_compiles", lambda q: False)
+    q, kv = torch.randn(1, 8, 16, 32), torch.randn(1, 8, 32)
+    with pytest.raises(RuntimeError, match="AsOp.enabled = False"):
+        torch.ops.dsv4.sparse_mqa(q, kv, None, torch.zeros(16), None, 4, 0)

@@ -139,9 +139,12 @@ _backward_ok: dict = {}
 
 
 def _backward_ready(q: torch.Tensor) -> bool:
-    """_backward_compiles, asked only the first time per (device, heads, head size, dtype): a traced call then
-    reads the answer and does not break the graph."""
+    """_backward_compiles, asked only the first time per (device, heads, head size, dtype). While dynamo traces
+    the custom-op path (AsOp) the question waits for the op's first run, which raises if the answer is no:
+    asking here would break the graph, and the traced graph keeps that break for good."""
     ok = _backward_ok.get((q.device, q.shape[2], q.shape[3], q.dtype))
+    if ok is None and AsOp.enabled and torch.compiler.is_compiling():
+        return True
     return _backward_compiles(q) if ok is None else ok
 
 
@@ -203,6 +206,9 @@ def _sparse_mqa(*args):
 def _mqa_op(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sink: torch.Tensor,
             sel: torch.Tensor | None, window: int, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> o [b, L, h, d] (q's dtype), log-denominator with the sink [b, L, h] fp32."""
+    if not _backward_compiles(q):
+        raise RuntimeError("dsv4: the Triton attention backward does not compile here (warned above); "
+                           "set dsv4.model.sparse_attention.AsOp.enabled = False to use FlexAttention's backward")
     return _output_and_lse(q, kv, comp, sel, sink, window, ratio, None)
 
 
