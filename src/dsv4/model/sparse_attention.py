@@ -98,8 +98,9 @@ class Forward:
 class AsOp:
     """enabled: the training call (Triton backward) as the torch custom op dsv4::sparse_mqa, which compiled blocks
     trace into one graph, instead of the autograd Function behind `torch.compiler.disable`, which splits each
-    block's graph in two at the attention (the block input's gradient is then summed between graphs, and every
-    split costs host work per step). Opt-in until measured on a GPU (`benchmarks/gpu_checks.sh` part attnop)."""
+    block's graph at the attention — into 6–7 graphs on a CSA block, one split per frame the call sits in (the
+    block input's gradient is then summed between graphs, and every graph costs host work per step). Opt-in
+    until measured on a GPU (`benchmarks/gpu_checks.sh` part attnop)."""
     enabled = False
 
 
