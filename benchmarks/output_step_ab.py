@@ -38,7 +38,7 @@ from bench_gpu import build, log, rel_diff, timed_device  # noqa: E402
 from dsv4.compiling import compile_blocks  # noqa: E402
 from dsv4.model import Transformer, ce_kernel, head_loss, sparse_attention_bwd  # noqa: E402
 from dsv4.model.attention import Attention  # noqa: E402
-from dsv4.model.grouped_output import grouped_output  # noqa: E402
+from dsv4.model.grouped_output import grouped_output, plain_output  # noqa: E402
 from dsv4.model.layers import Rotary  # noqa: E402
 
 
@@ -47,12 +47,6 @@ def use(now: bool) -> None:
     Attention.fused_output = "cuda" if now else ""
     sparse_attention_bwd.Config.pick_scatter = "triton" if now else "index"
     head_loss.Config.scale_kernel = now
-
-
-def _plain_output(o, w, cos, sin):
-    b, L = o.shape[:2]
-    o = Rotary.apply(o, cos, sin, inverse=True)
-    return torch.einsum("blgi,gri->blgr", o.reshape(b, L, w.shape[0], -1), w).flatten(2)
 
 
 def graph_timed(fn, reps: int = 20) -> float:
@@ -72,7 +66,7 @@ def output_pieces(o, w, cos, sin, dy) -> None:
     g, n_out, i = w.shape
     T, r = b * L, 2 * cos.shape[-1]
     y, delta = torch.ops.dsv4.grouped_output(o, w, cos, sin)
-    plain = torch.compile(_plain_output)
+    plain = torch.compile(plain_output)
     do_c = torch.empty(g, T, i, dtype=o.dtype, device=o.device)
     do_s = torch.empty(T, g, i, dtype=o.dtype, device=o.device)
     dy_g = dy.reshape(T, g, n_out).transpose(0, 1)
@@ -103,7 +97,7 @@ def op(cfg, s: int = 4096) -> None:
     w = (torch.randn(g, r, h // g * d, device=dev, dtype=bf) * 0.02).requires_grad_()
     dy = torch.randn(b, s, g * r, device=dev, dtype=bf)
     res = {}
-    for name, fn in (("plain", _plain_output), ("grouped_output", grouped_output)):
+    for name, fn in (("plain", plain_output), ("grouped_output", grouped_output)):
         f = torch.compile(fn)                                   # as inside a compiled block
 
         def step():
@@ -126,12 +120,12 @@ def op(cfg, s: int = 4096) -> None:
     sel = torch.where(sel.values >= 0, sel.indices, -1).int()
     coef = torch.randn(b, s, k, 2 * h, device=dev, dtype=bf)
     q, do = (torch.randn(b, s, h, d, device=dev, dtype=bf) for _ in range(2))
+    def pick():
+        return sparse_attention_bwd.pick_dcomp(coef, sel, q, do, n, 4)
     for form in ("index", "triton"):
         sparse_attention_bwd.Config.pick_scatter = form
-        res[form] = sparse_attention_bwd.pick_dcomp(coef, sel, q, do, n, 4)
-        log(what="op", part="pick_dcomp", form=form,
-            ms=timed_device(lambda: sparse_attention_bwd.pick_dcomp(coef, sel, q, do, n, 4)) * 1e3,
-            graph_ms=graph_timed(lambda: sparse_attention_bwd.pick_dcomp(coef, sel, q, do, n, 4)) * 1e3)
+        res[form] = pick()
+        log(what="op", part="pick_dcomp", form=form, ms=timed_device(pick) * 1e3, graph_ms=graph_timed(pick) * 1e3)
     log(what="op_diff", part="pick_dcomp", equal=bool(torch.equal(res["index"], res["triton"])),
         rel=rel_diff(res["triton"], res["index"]))
 
@@ -146,12 +140,18 @@ def op(cfg, s: int = 4096) -> None:
     use(True)
 
 
-def train(cfg, deadline: float) -> None:
+def compiled_model(cfg):
+    """The bench model with bf16 head (as bench_gpu.py and the transformers baseline) and compiled blocks, the
+    rows at b2x4096 only -> (model, measured bf16 peak)."""
     model = build(cfg)
-    Transformer.head_fp32 = False            # bf16 head, as bench_gpu.py and the transformers baseline
-    peak = bench_gpu.matmul_peak()
+    Transformer.head_fp32 = False
     bench_gpu.TRAIN_SHAPES = [(2, 4096)]
     compile_blocks(model)
+    return model, bench_gpu.matmul_peak()
+
+
+def train(cfg, deadline: float) -> None:
+    model, peak = compiled_model(cfg)
     for label, now, output in (("now", True, "cuda"), ("now without grouped_output", True, ""),
                                ("before", False, "")):
         if time.time() > deadline:
@@ -168,11 +168,7 @@ def train(cfg, deadline: float) -> None:
 
 def attnop(cfg, deadline: float) -> None:
     from dsv4.model import sparse_attention
-    model = build(cfg)
-    Transformer.head_fp32 = False
-    peak = bench_gpu.matmul_peak()
-    bench_gpu.TRAIN_SHAPES = [(2, 4096)]
-    compile_blocks(model)
+    model, peak = compiled_model(cfg)
     for graph in (True, False):
         for on in (False, True):
             if time.time() > deadline:

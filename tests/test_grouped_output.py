@@ -6,14 +6,8 @@ import torch
 
 from conftest import compile_for_hopper, random_tiny, rel_diff, triton_compiler
 from dsv4.model.attention import Attention
-from dsv4.model.grouped_output import grouped_output
+from dsv4.model.grouped_output import grouped_output, plain_output as _plain
 from dsv4.model.layers import Rotary
-
-
-def _plain(o, w, cos, sin):
-    b, L, _, _ = o.shape
-    o = Rotary.apply(o, cos, sin, inverse=True)
-    return torch.einsum("blgi,gri->blgr", o.reshape(b, L, w.shape[0], -1), w).flatten(2)
 
 
 @pytest.mark.parametrize("b,heads,groups", [(1, 4, 2), (2, 8, 4), (3, 4, 1)])

@@ -145,5 +145,5 @@ def test_kernel_compiles_for_hopper():
         shared = compile_for_hopper(ce_kernel._ce_kernel, {"BLOCK": ce_kernel.BLOCK},
                                     {"Z": dt, "T": "i64", "LOSS": "fp32", "DZ": dt})
         assert shared <= 227 * 1024, (dt, shared)
-        shared = compile_for_hopper(ce_kernel._scale_kernel, {"BLOCK": 4096}, {"X": "fp32", "G": "fp32", "OUT": dt})
+        shared = compile_for_hopper(ce_kernel._scale_kernel, {"BLOCK": ce_kernel.SCALE_BLOCK}, {"X": "fp32", "G": "fp32", "OUT": dt})
         assert shared <= 227 * 1024, (dt, shared)

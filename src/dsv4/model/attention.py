@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from ..numerics import indexer_roundtrip, kv_roundtrip
 from . import indexer_kernel, sparse_attention, sparse_attention_fwd
 from .compressor import Compressor, CompressorState
-from .grouped_output import grouped_output
+from .grouped_output import grouped_output, plain_output
 from .layers import Linear, RMSNorm, Rotary, unweighted_rms
 
 NEG_INF = float("-inf")
@@ -292,15 +292,10 @@ class Attention(nn.Module):
 
     def _output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Attention output o [b, L, h, d] -> [b, L, D]."""
-        b, L = o.shape[:2]
-        g = self.n_groups
-        wo_a = self.wo_a.weight.to(o.dtype).view(g, self.o_lora_rank, -1)
-        if self.fused_output in ("always", "cuda" if o.is_cuda else "") and sparse_attention.needs_grad(o, wo_a):
-            return self.wo_b(grouped_output(o, wo_a, cos, sin))                     # the same, fewer passes
-        o = Rotary.apply(o, cos, sin, inverse=True)                                  # undo the query-position RoPE
-        # grouped low-rank output projection: each group of h/g heads -> o_lora_rank, then wo_b
-        o = torch.einsum("blgi,gri->blgr", o.reshape(b, L, g, -1), wo_a)
-        return self.wo_b(o.flatten(2))
+        wo_a = self.wo_a.weight.to(o.dtype).view(self.n_groups, self.o_lora_rank, -1)
+        # inverse RoPE, then the grouped low-rank projection (each group of h/g heads -> o_lora_rank), then wo_b
+        fast = self.fused_output in ("always", "cuda" if o.is_cuda else "") and sparse_attention.needs_grad(o, wo_a)
+        return self.wo_b((grouped_output if fast else plain_output)(o, wo_a, cos, sin))
 
     # ------------------------------------------------------------------------------------------ static decode
     def to_static(self, cache: AttnCache, pos: int) -> None:

@@ -16,6 +16,7 @@ from .indexer_kernel import available, triton
 __all__ = ["available", "loss_and_grad", "scaled"]
 
 BLOCK = 4096            # logits per step of a row's walk
+SCALE_BLOCK = 4096      # values per program of `scaled`
 
 if triton is not None:
     import triton.language as tl
@@ -57,7 +58,7 @@ def scaled(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     n = x.numel()
-    _scale_kernel[(triton.cdiv(n, 4096),)](x, g.reshape(1), out, n, BLOCK=4096, num_warps=8)
+    _scale_kernel[(triton.cdiv(n, SCALE_BLOCK),)](x, g.reshape(1), out, n, BLOCK=SCALE_BLOCK, num_warps=8)
     return out
 
 

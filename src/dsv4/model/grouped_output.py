@@ -24,18 +24,19 @@ from __future__ import annotations
 import torch
 
 from .indexer_kernel import available, triton
+from .layers import Rotary
 
-__all__ = ["grouped_output"]
+__all__ = ["grouped_output", "plain_output"]
 
 ROWS = 64                  # (token, head) rows per program of the rope kernel
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    """x [b, L, h, r] (any strides) rotated pairwise by sign·θ of its position (cos/sin [L, r/2]), fp32."""
-    x = x.float()
-    a, b = x[..., 0::2], x[..., 1::2]
-    c, s = cos[:, None], sign * sin[:, None]
-    return torch.stack((a * c - b * s, a * s + b * c), -1).flatten(-2)
+def plain_output(o: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The reference form of the same step (`Attention._output` without autograd, and what the ops are tested
+    against): o rotated into a new tensor, then one einsum over the groups -> [b, L, g·o_lora]."""
+    b, L = o.shape[:2]
+    o = Rotary.apply(o, cos, sin, inverse=True)                                  # undo the query-position RoPE
+    return torch.einsum("blgi,gri->blgr", o.reshape(b, L, w.shape[0], -1), w).flatten(2)
 
 
 if triton is not None:
@@ -81,7 +82,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, sign: f
                                                ROWS=ROWS)
         return out
     part = x[..., d - r:]
-    rot = _rotate(part, cos, sin, sign)
+    rot = Rotary.rotate(part, cos, sin, inverse=sign < 0)
     if delta:
         return (rot - part.float()).to(x.dtype).view(b * L, h * r)
     part.copy_(rot)

@@ -93,8 +93,7 @@ class HeadCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         dx, dw = ctx.saved_tensors
-        if dw is not None and Config.scale_kernel and ce_kernel.available(dw):   # g · dw in w's dtype, one pass
-            dw = ce_kernel.scaled(dw, g, ctx.w_dtype)
-        elif dw is not None:
-            dw = torch.mul(dw, g, out=torch.empty(dw.shape, dtype=ctx.w_dtype, device=dw.device))
+        if dw is not None:                                  # g · dw in w's dtype, one pass
+            dw = (ce_kernel.scaled(dw, g, ctx.w_dtype) if Config.scale_kernel and ce_kernel.available(dw) else
+                  torch.mul(dw, g, out=torch.empty(dw.shape, dtype=ctx.w_dtype, device=dw.device)))
         return (None if dx is None else dx * g.to(dx.dtype), dw, None, None, None, None)

@@ -96,11 +96,15 @@ class Rotary(nn.Module):
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """x [b, L, (h,) r] with cos/sin [L, r/2]; rotates the last r channels of x, returns a new tensor."""
         r = cos.shape[-1] * 2
-        if x.dim() == 4:                      # [b, L, h, r]: broadcast over heads
+        return torch.cat([x[..., :-r], Rotary.rotate(x[..., -r:], cos, sin, inverse).to(x.dtype)], dim=-1)
+
+    @staticmethod
+    def rotate(rope: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """rope [b, L, (h,) r] (any strides; all of it rotates) -> its rotation in fp32, cos/sin [L, r/2]."""
+        if rope.dim() == 4:                   # [b, L, h, r]: broadcast over heads
             cos, sin = cos[:, None], sin[:, None]
-        nope, rope = x[..., :-r], x[..., -r:].float()
+        rope = rope.float()
         a, b = rope[..., 0::2], rope[..., 1::2]
         if inverse:
             sin = -sin
-        rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-        return torch.cat([nope, rot.to(x.dtype)], dim=-1)
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)

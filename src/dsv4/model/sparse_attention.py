@@ -191,10 +191,13 @@ class _SparseMQA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, kv, comp, sel, out, lse_all, sink = ctx.saved_tensors
-        dq, dkv, dcomp, dsink = sparse_attention_bwd.backward(q, kv, comp, sel, out, do, lse_all, sink,
-                                                               ctx.window, ctx.ratio)
-        return (dq, dkv.to(kv.dtype), None if comp is None else dcomp.to(comp.dtype), dsink.to(sink.dtype),
-                None, None, None, None)
+        return (*_gradients(q, kv, comp, sel, out, do, lse_all, sink, ctx.window, ctx.ratio), None, None, None, None)
+
+
+def _gradients(q, kv, comp, sel, out, do, lse, sink, window: int, ratio: int):
+    """The Triton backward -> dq, dkv, dcomp (None without comp), dsink, each in its input's dtype."""
+    dq, dkv, dcomp, dsink = sparse_attention_bwd.backward(q, kv, comp, sel, out, do, lse, sink, window, ratio)
+    return dq, dkv.to(kv.dtype), None if comp is None else dcomp.to(comp.dtype), dsink.to(sink.dtype)
 
 
 @torch.compiler.disable       # inside compiled blocks (train --compile) the Function runs as is, between graphs
@@ -222,10 +225,9 @@ def _(q, kv, comp, sink, sel, window, ratio):
 def _mqa_backward_op(q: torch.Tensor, kv: torch.Tensor, comp: torch.Tensor | None, sel: torch.Tensor | None,
                      out: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor, window: int,
                      ratio: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq, dkv (kv's dtype), dcomp (comp's dtype; empty without comp), dsink (sink's dtype)."""
-    dq, dkv, dcomp, dsink = sparse_attention_bwd.backward(q, kv, comp, sel, out, do, lse, sink, window, ratio)
-    dcomp = q.new_empty(0) if comp is None else dcomp.to(comp.dtype)
-    return dq, dkv.to(kv.dtype), dcomp, dsink.to(sink.dtype)
+    """`_gradients`, with an empty dcomp without comp (a custom op returns tensors)."""
+    dq, dkv, dcomp, dsink = _gradients(q, kv, comp, sel, out, do, lse, sink, window, ratio)
+    return dq, dkv, q.new_empty(0) if dcomp is None else dcomp, dsink
 
 
 @_mqa_backward_op.register_fake
