@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .expert_dispatch import combine_rows, gather_rows, inverse_permutation, stack_experts
 from .layers import Linear
 
 
@@ -87,8 +88,12 @@ class Expert(nn.Module):
 class MoE(nn.Module):
     """Routed experts + shared expert. `impl` picks how the routed experts run: 'loop' (the reference: one
     expert at a time), 'grouped' (tokens sorted by expert, three grouped GEMMs, no host sync) or 'auto'
-    (grouped on CUDA in plain numerics, loop otherwise). Both give the same result up to summation order."""
+    (grouped on CUDA in plain numerics, loop otherwise). Both give the same result up to summation order.
+    `dispatch` picks how the grouped path moves rows and weights: 'gather' (`expert_dispatch`: one copy per
+    stacked weight, gathers both ways, no atomics) or 'index_add' (the form before stop 29: stack + cat of the
+    weights, x[tok] and an fp32 index_add back), kept for the A/B."""
     impl = "auto"
+    dispatch = "gather"
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -118,16 +123,17 @@ class MoE(nn.Module):
             return self._expert_weights(dtype)
 
     def _expert_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """w13 [E, 2I, D], w2 [E, D, I] from the per-expert parameters (differentiable): three stacks and one
-        cat per call — not one cat per expert, which cost 64 launches per layer in every training forward."""
-        stack = lambda name: torch.stack([getattr(e, name).weight for e in self.experts])   # noqa: E731
-        return torch.cat([stack("w1"), stack("w3")], 1).to(dtype), stack("w2").to(dtype)
+        """w13 [E, 2I, D], w2 [E, D, I] from the per-expert parameters (differentiable): one copy of each weight
+        (`expert_dispatch.stack_experts`), or with dispatch 'index_add' three stacks and one cat per call."""
+        ws = {name: [getattr(e, name).weight for e in self.experts] for name in ("w1", "w3", "w2")}
+        if self.dispatch == "gather":
+            return stack_experts(ws["w1"], ws["w3"], ws["w2"], dtype)
+        return torch.cat([torch.stack(ws["w1"]), torch.stack(ws["w3"])], 1).to(dtype), torch.stack(ws["w2"]).to(dtype)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                                  # [T, D]
         w, idx = self.gate(x, None if input_ids is None else input_ids.reshape(-1))
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         # tokens per expert, without bincount's read-back of the largest id (no host sync: CUDA-graph safe)
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.long, device=x.device))
@@ -137,8 +143,9 @@ class MoE(nn.Module):
             if self.collect_balance:
                 self.aux_loss = self._sequence_balance_loss(x.view(shape), idx.view(*shape[:-1], -1))
         if self._grouped(x):
-            self._routed_grouped(x, w, idx, counts, y)
+            y = self._routed_grouped(x, w, idx, counts)                              # [T, D] fp32
         else:
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
             for e in torch.nonzero(counts).flatten().tolist():
                 tok, slot = torch.where(idx == e)
                 y.index_add_(0, tok, self.experts[e](x[tok], w[tok, slot, None]).float())
@@ -154,22 +161,30 @@ class MoE(nn.Module):
             return x.is_cuda and bf16 and not official and hasattr(torch, "_grouped_mm")
         return self.impl == "grouped"
 
-    def _routed_grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
-                        y: torch.Tensor) -> None:
-        """(token, slot) pairs sorted by expert; w1|w3 as one grouped GEMM, then w2; results added into y [T, D]."""
+    def _routed_grouped(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor,
+                        counts: torch.Tensor) -> torch.Tensor:
+        """(token, slot) pairs sorted by expert; w1|w3 as one grouped GEMM, then w2 -> each token's sum over its
+        experts [T, D] fp32."""
         if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
             x = x.to(torch.get_autocast_dtype("cuda"))                               # fp32 input under bf16 autocast
         k = idx.shape[1]
         order = idx.flatten().argsort(stable=True)                                   # [T·k]
-        tok = order // k
         offs = counts.cumsum(0).to(torch.int32)                                       # group ends
         if self.stacked is not None and self.stacked[0].dtype == x.dtype and not torch.is_grad_enabled():
             w13, w2 = self.stacked
         else:
             w13, w2 = self._expert_weights(x.dtype)                                   # [E, 2I, D], [E, D, I]
-        gate, up = torch._grouped_mm(x[tok], w13.transpose(-2, -1), offs=offs).float().chunk(2, -1)   # [T·k, I]
+        if self.dispatch == "gather":
+            inv = inverse_permutation(order)
+            xs = gather_rows(x, order, inv, k)                                        # [T·k, D], by expert
+        else:
+            xs = x[order // k]
+        gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).float().chunk(2, -1)   # [T·k, I]
         hid = swiglu(gate, up, self.experts[0].limit) * w.flatten()[order, None]
-        y.index_add_(0, tok, torch._grouped_mm(hid.to(x.dtype), w2.transpose(-2, -1), offs=offs).float())
+        out = torch._grouped_mm(hid.to(x.dtype), w2.transpose(-2, -1), offs=offs)   # [T·k, D]
+        if self.dispatch == "gather":
+            return combine_rows(out, order, inv, k)
+        return torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, order // k, out.float())
 
     def _sequence_balance_loss(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Sequence-wise balance loss Σ_i f_i·P_i per sequence (averaged over the batch):
