@@ -43,6 +43,9 @@
 #            break per block): its CUDA tests, then output_step_ab.py --sections attnop (compiled + graph and
 #            compiled without a graph, b2, off / on); if it wins, make AsOp.enabled the default   (~8 min cold)
 #   profile  the compiled + CUDA-graph b2x4096 step under torch.profiler (profile_step.py)  (~4 min cold)
+#   switch   benchmarks/switch_ab.py: eager checks of each variant against the baseline, then the headline row per
+#            variant with its compiled blocks held against the eager step first (stop 29: MoE.dispatch gather vs
+#            index_add, AsOp on; SWITCH_VARIANTS overrides the variants)                          (~7 min cold)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
 #            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)
@@ -162,6 +165,9 @@ want attnop && grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests_attnop.lo
 want attnop && step attnop_ab 380 python3 benchmarks/output_step_ab.py --out "$OUT/attnop" --sections attnop \
     --budget-s 330
 want attnop && grep '^{' "$OUT/attnop_ab.log" | cut -c1-240
+want switch && step switch_ab 560 python3 benchmarks/switch_ab.py --out "$OUT/switch" --budget-s 430 \
+    ${SWITCH_VARIANTS:+--variants "$SWITCH_VARIANTS"}
+want switch && grep '^{' "$OUT/switch_ab.log" | cut -c1-240
 want profile && step profile 330 python3 benchmarks/profile_step.py --out "$OUT" --what train_compiled_graph --batch 2
 want profile && head -3 "$OUT/profile_train_compiled_graph.txt"
 

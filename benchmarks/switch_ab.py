@@ -4,7 +4,7 @@ Each variant is a set of class-attribute switches (`Class.attr=value` with the c
 variant is the baseline and runs again last, so the spread of one form over the run is beside the differences:
 
     python benchmarks/switch_ab.py --out DIR [--sections check,train] [--budget-s 400]
-        [--variants "default:;index_add:MoE.dispatch=index_add;attnop:AsOp.enabled=1"]
+        [--variants "default:;index_add:MoE.dispatch=index_add;attnop:AsOp.enabled=1;bf16_split:HcPre.bf16_split=1"]
 
   check  per variant, the LM loss and all gradients of one eager b2x4096 step against the baseline variant's,
          next to the baseline against itself (the run-to-run floor: the attention backward's atomic adds make two
@@ -31,13 +31,15 @@ import torch  # noqa: E402
 import bench_gpu  # noqa: E402
 from bench_gpu import build, grads_rel_diff, log, loss_and_grads  # noqa: E402
 from dsv4.compiling import compile_blocks  # noqa: E402
-from dsv4.model import Transformer, sparse_attention  # noqa: E402
+from dsv4.model import Transformer, hc_pre_kernel, sparse_attention  # noqa: E402
 from dsv4.model.attention import Attention  # noqa: E402
 from dsv4.model.mhc import Fusion  # noqa: E402
 from dsv4.model.moe import MoE  # noqa: E402
 
-CLASSES = {"MoE": MoE, "AsOp": sparse_attention.AsOp, "Attention": Attention, "Fusion": Fusion}
-DEFAULT_VARIANTS = "default:;index_add:MoE.dispatch=index_add;attnop:AsOp.enabled=1"
+CLASSES = {"MoE": MoE, "AsOp": sparse_attention.AsOp, "Attention": Attention, "Fusion": Fusion,
+           "HcPre": hc_pre_kernel.Config}
+DEFAULT_VARIANTS = ("default:;index_add:MoE.dispatch=index_add;attnop:AsOp.enabled=1;"
+                    "bf16_split:HcPre.bf16_split=1")
 
 
 def parse_variants(spec: str) -> list[tuple[str, dict[tuple[str, str], object]]]:

@@ -25,16 +25,20 @@ def _inputs(dtype, b, s, n, D, seed):
 
 
 @runs_here
-@pytest.mark.parametrize("dtype,shape", [(torch.float32, (2, 19, 4, 48)),    # ragged tokens and stream width
-                                         (torch.float32, (1, 20, 3, 32)),    # n = 3: padded comb block
-                                         (torch.bfloat16, (1, 37, 4, 64))])  # the streams of a bf16 model
-def test_pre_and_gradients_equal_reference(dtype, shape, monkeypatch):
+@pytest.mark.parametrize("dtype,shape,bf16_split", [(torch.float32, (2, 19, 4, 48), False),    # ragged tokens, width
+                                                    (torch.float32, (1, 20, 3, 32), False),    # n = 3: padded comb
+                                                    (torch.bfloat16, (1, 37, 4, 64), False),   # a bf16 model's
+                                                    (torch.bfloat16, (1, 37, 4, 64), True)])   # … by bf16 pieces
+def test_pre_and_gradients_equal_reference(dtype, shape, bf16_split, monkeypatch):
     """y, post, comb and the gradients w.r.t. the streams, fn, base and scale equal the PyTorch ops' (Sinkhorn
     as its PyTorch loop) for random upstream gradients of all three outputs. bf16 results are rounded once, the
     reference's too; Triton's interpreter rounds fp32 -> bf16 toward zero (a GPU to nearest), so bf16 values may
     differ by one bf16 step. Bounds of 1e-5 leave room for the GPU's tf32x3 products (the interpreter's fp32
-    products land near 1e-7); a wrong term lands above 1e-2."""
+    products land near 1e-7); a wrong term lands above 1e-2. (The reference must not take the kernel itself, on
+    by default under autograd: pre_kernel off for it.)"""
     monkeypatch.setattr(Fusion, "enabled", False)
+    monkeypatch.setattr(Fusion, "pre_kernel", False)
+    monkeypatch.setattr(hc_pre_kernel.Config, "bf16_split", bf16_split)
     (h, fn, base, scale), g = _inputs(dtype, *shape, seed=shape[1])
     ref_in = [t.detach().clone().requires_grad_() for t in (h, fn, base, scale)]
     got = hc_pre_kernel.hc_pre(h, fn, base, scale, 20, 1e-6, 1e-6)
@@ -103,21 +107,37 @@ def test_pre_kernel_inside_torch_compile(dtype, monkeypatch):
     assert rel_diff(h.grad, hr.grad) < (1e-5 if dtype == torch.float32 else 2 ** -7)
 
 
+def test_bf16_pieces_carry_fp32():
+    """hi + mid + lo = w exactly for fp32 values over many binades (each piece bf16), and a bf16 x times the
+    pieces, summed in fp64, equals x·w: the bf16 dots lose nothing but the fp32 sums' rounding."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 512, generator=g) * torch.logspace(-8, 8, 512)
+    p = hc_pre_kernel._pieces(w)
+    assert p.dtype == torch.bfloat16 and p.shape == (3, 64, 512)
+    assert torch.equal(p[0].double() + p[1].double() + p[2].double(), w.double())
+    x = torch.randn(8, 512, generator=g).bfloat16().double()
+    assert torch.allclose(sum(x @ q.double().t() for q in p), x @ w.double().t(), rtol=1e-12, atol=0)
+
+
 @pytest.mark.skipif(not triton_compiler(), reason="needs Triton's compiler (not its interpreter)")
-@pytest.mark.parametrize("h_dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("h_dtype", ["bf16", "fp32", "bf16-pieces"])
 def test_pre_kernels_compile_for_hopper(h_dtype):
     """Both kernels compile for sm90 (no GPU needed) at the bench model's size (n 4, D 1024) within an H100's
     shared memory per program."""
     k = hc_pre_kernel
     np4, npp = k._sizes(4)
+    pieces = 3 if h_dtype == "bf16-pieces" else 0
+    h_dtype = h_dtype.split("-")[0]
     consts = dict(D=1024, N=4, NP4=np4, NPP=npp, ITERS=20, BM=k.Config.rows, BD=k.Config.cols,
                   PREC=k.Config.precision)
+    fwd = dict(consts, PIECES=pieces)
     f32 = {n: "fp32" for n in ("W", "SCALE", "BASE", "POST", "COMB", "MIX", "RSTD", "DPOST", "DCOMB", "DZ", "DA", "SCR",
                                "PART", "SSP")}
     no_iters = {n: v for n, v in consts.items() if n != "ITERS"}
-    for kernel, c, streams, floats in ((k._pre_fwd, dict(consts, SPLIT=1), ("H", "Y"), ("eps", "hc_eps")),
-                                       (k._pre_fwd, dict(consts, SPLIT=4), ("H", "Y"), ("eps", "hc_eps")),
-                                       (k._pre_part, dict(no_iters, SPLIT=4), ("H",), ()),
+    w = ("W",) if pieces else ()                    # the pieces are bf16
+    for kernel, c, streams, floats in ((k._pre_fwd, dict(fwd, SPLIT=1), ("H", "Y") + w, ("eps", "hc_eps")),
+                                       (k._pre_fwd, dict(fwd, SPLIT=4), ("H", "Y") + w, ("eps", "hc_eps")),
+                                       (k._pre_part, dict(no_iters, SPLIT=4, PIECES=pieces), ("H",) + w, ()),
                                        (k._pre_bwd, consts, ("H", "DY", "DH"), ("hc_eps",))):
         ptr = dict(f32, **{name: h_dtype for name in streams})
         shared = compile_for_hopper(kernel, c, ptr, floats=floats, num_warps=k.Config.warps)

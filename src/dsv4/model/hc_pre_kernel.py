@@ -30,6 +30,8 @@ Without autograd the PyTorch ops stay (this forward alone: 0.33 vs 0.26 ms).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +47,9 @@ class Config:
     precision = "tf32x3"    # the dots' input_precision ("ieee": exact fp32 products on the CUDA cores)
     warps = 4
     stages = 0              # num_stages of the loops' pipelining (0: Triton's default)
+    bf16_split = False      # bf16 streams: the forward's products as bf16 dots against fn split into three bf16
+                            # pieces (`_pieces`: hi + mid + lo carry fp32's 24 bits; each product exact, sums in
+                            # fp32) instead of tf32x3 on x converted to fp32 (no conversion, half the dot rate's cost)
     split = 1               # forward: pass 1 (the mixes' products) split over this many programs per row block
                             # (`_pre_part`), the rest reading their partial sums; 1: one kernel. H200, b2×4096
                             # (stop 27, device-timed): 0.195-0.206 ms at split 2-8 vs 0.201 — pass 1 is not
@@ -62,6 +67,16 @@ def _sizes(n: int) -> tuple[int, int]:
     """n streams -> (NP4, NPP): the comb block is NP4 × NP4 columns, the pre/post block NPP columns."""
     np4 = 1 << (n - 1).bit_length()
     return np4, max(16, 1 << (2 * n - 1).bit_length())
+
+
+def _pieces(w: torch.Tensor) -> torch.Tensor:
+    """w fp32 [NW, K] -> [3, NW, K] bf16 pieces hi, mid, lo with hi + mid + lo = w to fp32's 24 significant bits
+    (each piece takes the next 8 of the remainder): a bf16 value times each piece is exact in fp32, so three bf16
+    dots give x·w as exactly as fp32 products do, the sums rounded in fp32."""
+    hi = w.to(torch.bfloat16)
+    r = w - hi.float()
+    mid = r.to(torch.bfloat16)
+    return torch.stack([hi, mid, (r - mid.float()).to(torch.bfloat16)])
 
 
 def _padded(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int):
@@ -105,11 +120,23 @@ if triton is not None:
         offs3 = rows[:, None, None] * (N * N) + ii[None, :, None] * N + ii[None, None, :]
         return rows, r_ok, tl.arange(0, NP4 * NP4), tl.arange(0, NPP), ok3, offs3
 
+    INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+    @triton.jit
+    def _dot_bf16(x, w, acc, UPCAST: tl.constexpr):
+        """acc + x @ w for bf16 x and w. UPCAST (under Triton's interpreter, whose bf16 dots multiply wrong values:
+        Triton 3.6, off by ~1e10 on a 16×16 product): the same exact products in fp32."""
+        if UPCAST:
+            return acc + tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        return tl.dot(x, w, acc)
+
     @triton.jit
     def _products(H, W, rows, r_ok, cc, cp, k_lo, k_hi, K: tl.constexpr, NC: tl.constexpr, NPP: tl.constexpr,
-                  BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+                  BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, PIECES: tl.constexpr):
         """Over the flattened streams' entries k_lo … k_hi−1 of rows: the mixes' products with the comb block
-        [BM, NC] and the pre/post block [BM, NPP], and Σx² [BM]."""
+        [BM, NC] and the pre/post block [BM, NPP], and Σx² [BM]. PIECES 3: W is [3, NW, K] bf16 (`_pieces`) and
+        the streams bf16, each piece one bf16 dot; PIECES 0: W [NW, K] fp32, dots at PREC on x in fp32."""
+        NW: tl.constexpr = NC + NPP
         acc_c = tl.zeros([BM, NC], dtype=tl.float32)
         acc_p = tl.zeros([BM, NPP], dtype=tl.float32)
         ss = tl.zeros([BM], dtype=tl.float32)
@@ -117,17 +144,25 @@ if triton is not None:
             ks = k0 + tl.arange(0, BD)
             k_ok = ks < k_hi
             x = tl.load(H + rows[:, None] * K + ks[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.)
-            x = x.to(tl.float32)
-            wc = tl.load(W + cc[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)              # [BD, NC]
-            wp = tl.load(W + (NC + cp)[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)       # [BD, NPP]
+            if PIECES:
+                for p in tl.static_range(PIECES):
+                    wc = tl.load(W + p * NW * K + cc[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)
+                    wp = tl.load(W + p * NW * K + (NC + cp)[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)
+                    acc_c = _dot_bf16(x, wc, acc_c, INTERPRETED)
+                    acc_p = _dot_bf16(x, wp, acc_p, INTERPRETED)
+                x = x.to(tl.float32)
+            else:
+                x = x.to(tl.float32)
+                wc = tl.load(W + cc[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)          # [BD, NC]
+                wp = tl.load(W + (NC + cp)[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)   # [BD, NPP]
+                acc_c += tl.dot(x, wc, input_precision=PREC)
+                acc_p += tl.dot(x, wp, input_precision=PREC)
             ss += tl.sum(x * x, axis=1)
-            acc_c += tl.dot(x, wc, input_precision=PREC)
-            acc_p += tl.dot(x, wp, input_precision=PREC)
         return acc_c, acc_p, ss
 
     @triton.jit
     def _pre_part(H, W, PART, SSP, M, D: tl.constexpr, N: tl.constexpr, NP4: tl.constexpr, NPP: tl.constexpr,
-                  SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+                  SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, PIECES: tl.constexpr):
         """Pass 1 of _pre_fwd split over SPLIT programs per block of rows (program (i, s): the s-th of SPLIT
         equal slices of the flattened streams): partial products PART [SPLIT, M, NW] and Σx² SSP [SPLIT, M].
         More programs in flight than one per 32 tokens (256 at b2×4096) for a pass that is bound by latency."""
@@ -137,7 +172,8 @@ if triton is not None:
         KS: tl.constexpr = K // SPLIT
         rows, r_ok, cc, cp, _, _ = _block(M, N, NP4, NPP, BM)
         part = tl.program_id(1)
-        acc_c, acc_p, ss = _products(H, W, rows, r_ok, cc, cp, part * KS, part * KS + KS, K, NC, NPP, BM, BD, PREC)
+        acc_c, acc_p, ss = _products(H, W, rows, r_ok, cc, cp, part * KS, part * KS + KS, K, NC, NPP, BM, BD, PREC,
+                                     PIECES)
         prow = (part * M + rows)[:, None] * NW
         tl.store(PART + prow + cc[None, :], acc_c, mask=r_ok[:, None])
         tl.store(PART + prow + (NC + cp)[None, :], acc_p, mask=r_ok[:, None])
@@ -146,14 +182,15 @@ if triton is not None:
     @triton.jit
     def _pre_fwd(H, W, SCALE, BASE, Y, POST, COMB, MIX, RSTD, PART, SSP, M, EPS: tl.constexpr,
                  HC_EPS: tl.constexpr, D: tl.constexpr, N: tl.constexpr, NP4: tl.constexpr, NPP: tl.constexpr,
-                 ITERS: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+                 ITERS: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+                 PIECES: tl.constexpr):
         NC: tl.constexpr = NP4 * NP4
         NW: tl.constexpr = NC + NPP
         K: tl.constexpr = N * D
         rows, r_ok, cc, cp, ok3, offs3 = _block(M, N, NP4, NPP, BM)
         # pass 1: the mixes' products and Σx², one read of the streams (or the SPLIT partial sums of _pre_part)
         if SPLIT == 1:
-            acc_c, acc_p, ss = _products(H, W, rows, r_ok, cc, cp, 0, K, K, NC, NPP, BM, BD, PREC)
+            acc_c, acc_p, ss = _products(H, W, rows, r_ok, cc, cp, 0, K, K, NC, NPP, BM, BD, PREC, PIECES)
         else:
             acc_c = tl.zeros([BM, NC], dtype=tl.float32)
             acc_p = tl.zeros([BM, NPP], dtype=tl.float32)
@@ -266,16 +303,18 @@ if triton is not None:
         mix = torch.empty(M, w.shape[0], dtype=torch.float32, device=h2.device)
         rstd = torch.empty(M, dtype=torch.float32, device=h2.device)
         grid, split, meta = triton.cdiv(M, Config.rows), _split(K), _meta(h2, n, iters)
+        pieces = 3 if Config.bf16_split and h2.dtype == torch.bfloat16 else 0
+        wk = _pieces(w) if pieces else w            # the products' W: three bf16 pieces, or fp32 as it is
         if split > 1:                               # pass 1 over split × more programs, then the rest
             part = torch.empty(split, M, w.shape[0], dtype=torch.float32, device=h2.device)
             ssp = torch.empty(split, M, dtype=torch.float32, device=h2.device)
             torch.library.wrap_triton(_pre_part)[(grid, split)](
-                h2, w, part, ssp, M, SPLIT=split, **{k: v for k, v in meta.items() if k != "ITERS"})
+                h2, wk, part, ssp, M, SPLIT=split, PIECES=pieces, **{k: v for k, v in meta.items() if k != "ITERS"})
         else:
             part = ssp = rstd                       # placeholder pointers, unused
         torch.library.wrap_triton(_pre_fwd)[(grid,)](
-            h2, w, scale, base, y, post, comb, mix, rstd, part, ssp, M, EPS=norm_eps, HC_EPS=hc_eps, SPLIT=split,
-            **meta)
+            h2, wk, scale, base, y, post, comb, mix, rstd, part, ssp, M, EPS=norm_eps, HC_EPS=hc_eps, SPLIT=split,
+            PIECES=pieces, **meta)
         return y, post, comb, mix, rstd
 
     @torch.library.triton_op("dsv4::hc_pre_backward", mutates_args=())
