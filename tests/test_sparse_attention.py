@@ -392,3 +392,24 @@ def test_attention_op_says_when_the_triton_backward_cannot_compile(monkeypatch):
     q, kv = torch.randn(1, 8, 16, 32), torch.randn(1, 8, 32)
     with pytest.raises(RuntimeError, match="AsOp.enabled = False"):
         torch.ops.dsv4.sparse_mqa(q, kv, None, torch.zeros(16), None, 4, 0)
+
+
+def test_prepare_backward_answers_before_tracing(monkeypatch):
+    """`prepare_backward` (what compile_blocks calls first) records the compile check's answer per dtype, so the
+    traced custom-op path reads it instead of assuming yes: where the answer is no, `_backward_ready` says so
+    while compiling and the attention falls back as in eager; where it is yes, it says yes."""
+    answers = {torch.float32: False, torch.bfloat16: True}
+    monkeypatch.setattr(sparse_attention, "_backward_ok", {})
+    monkeypatch.setattr(sparse_attention.sparse_attention_bwd, "available", lambda t: True)
+
+    def check(q):
+        sparse_attention._backward_ok[(q.device, q.shape[2], q.shape[3], q.dtype)] = answers[q.dtype]
+        return answers[q.dtype]
+    monkeypatch.setattr(sparse_attention, "_backward_compiles", check)
+    sparse_attention.prepare_backward(torch.device("cpu"), 16, 32, (torch.float32, torch.bfloat16, torch.float32))
+    assert len(sparse_attention._backward_ok) == 2
+    monkeypatch.setattr(sparse_attention.AsOp, "enabled", True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert sparse_attention._backward_ready(torch.empty(1, 4, 16, 32)) is False
+    assert sparse_attention._backward_ready(torch.empty(1, 4, 16, 32, dtype=torch.bfloat16)) is True
+    assert sparse_attention._backward_ready(torch.empty(1, 4, 8, 32)) is True     # not asked: the op will ask

@@ -28,5 +28,10 @@ def compile_blocks(model: torch.nn.Module) -> None:
     """Compile every transformer block and MTP block in place (`Module.compile`), as `dsv4 train --compile`
     does: parameter and checkpoint names stay those of the official layout."""
     raise_recompile_limit()
+    param = next(model.parameters())
+    if param.is_cuda:                     # the attention backward's compile check, before anything is traced
+        from .model.sparse_attention import prepare_backward
+        prepare_backward(param.device, model.cfg.num_attention_heads, model.cfg.head_dim,
+                         (param.dtype, torch.bfloat16))
     for blk in list(model.layers) + list(model.mtp):
         blk.compile()

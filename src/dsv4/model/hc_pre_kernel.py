@@ -47,9 +47,10 @@ class Config:
     precision = "tf32x3"    # the dots' input_precision ("ieee": exact fp32 products on the CUDA cores)
     warps = 4
     stages = 0              # num_stages of the loops' pipelining (0: Triton's default)
-    bf16_split = False      # bf16 streams: the forward's products as bf16 dots against fn split into three bf16
+    bf16_split = True       # bf16 streams: the forward's products as bf16 dots against fn split into three bf16
                             # pieces (`_pieces`: hi + mid + lo carry fp32's 24 bits; each product exact, sums in
-                            # fp32) instead of tf32x3 on x converted to fp32 (no conversion, half the dot rate's cost)
+                            # fp32) instead of tf32x3 on x converted to fp32. Stop 29, H100, compiled + CUDA-graph
+                            # step at b2×4096: 75.6 -> 74.4 ms (`benchmarks/switch_ab.py`)
     split = 1               # forward: pass 1 (the mixes' products) split over this many programs per row block
                             # (`_pre_part`), the rest reading their partial sums; 1: one kernel. H200, b2×4096
                             # (stop 27, device-timed): 0.195-0.206 ms at split 2-8 vs 0.201 — pass 1 is not

@@ -99,9 +99,11 @@ class AsOp:
     """enabled: the training call (Triton backward) as the torch custom op dsv4::sparse_mqa, which compiled blocks
     trace into one graph, instead of the autograd Function behind `torch.compiler.disable`, which splits each
     block's graph at the attention — into 6–7 graphs on a CSA block, one split per frame the call sits in (the
-    block input's gradient is then summed between graphs, and every graph costs host work per step). Opt-in
-    until measured on a GPU (`benchmarks/gpu_checks.sh` part attnop)."""
-    enabled = False
+    block input's gradient is then summed between graphs, and every graph costs host work per step). On by
+    default since stop 29: the compiled + CUDA-graph step at b2×4096 on an H100 75.6 -> 74.8 ms, gradients as
+    the Function's (`benchmarks/switch_ab.py`). `compiling.compile_blocks` asks whether the backward compiles
+    before anything is traced (`prepare_backward`), so a GPU where it does not falls back as in eager."""
+    enabled = True
 
 
 class Unavailable:
@@ -147,6 +149,15 @@ def _backward_ready(q: torch.Tensor) -> bool:
     if ok is None and AsOp.enabled and torch.compiler.is_compiling():
         return True
     return _backward_compiles(q) if ok is None else ok
+
+
+def prepare_backward(device: torch.device, heads: int, head_dim: int, dtypes) -> None:
+    """Ask `_backward_compiles` now, outside any traced code, for these query shapes and dtypes (compiled blocks:
+    the model's dtype and bf16, autocast's): the traced custom-op path then knows the answer and falls back where
+    it is no, instead of raising at its first run."""
+    if sparse_attention_bwd.available(torch.empty(0, device=device)):
+        for dtype in dict.fromkeys(dtypes):
+            _backward_compiles(torch.empty(1, 1, heads, head_dim, device=device, dtype=dtype))
 
 
 @torch.compiler.disable
