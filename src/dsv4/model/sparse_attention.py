@@ -182,8 +182,9 @@ def _backward_compiles(q: torch.Tensor) -> bool:
             raise
         except Exception as e:  # noqa: BLE001
             _backward_ok[key] = False
-            warnings.warn(f"dsv4: the Triton attention backward does not compile here ({type(e).__name__}); "
-                          "using FlexAttention's backward", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"dsv4: the Triton attention backward does not compile here for {str(q.dtype)[6:]} "
+                          f"queries of {h} heads × {d} ({type(e).__name__}); those use FlexAttention's backward",
+                          RuntimeWarning, stacklevel=3)
     return _backward_ok[key]
 
 
