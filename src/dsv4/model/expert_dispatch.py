@@ -14,6 +14,8 @@ Per MoE layer the grouped path needs three things besides the GEMMs:
 - **The experts' outputs summed back per token** (`combine_rows`): was `zeros(T, D).index_add_(0, tok, out)`,
   fp32 atomics over T·k rows; here a gather by the inverse permutation and a sum over the k slots, whose
   backward is again a gather. Deterministic, and the same sum up to its order.
+Measured (stop 29, H100, the compiled + CUDA-graph step at b2×4096, `benchmarks/switch_ab.py`): 77.6 -> 75.6 ms
+against the old form, which `MoE.dispatch = "index_add"` still selects.
 
 Correct first: `tests/test_fast_paths.py::test_grouped_experts_equal_loop` (values and gradients against the
 per-expert loop, which uses none of this) and `tests/test_expert_dispatch.py`.
