@@ -179,7 +179,11 @@ class MoE(nn.Module):
             xs = gather_rows(x, order, inv, k)                                        # [T·k, D], by expert
         else:
             xs = x[order // k]
-        gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).float().chunk(2, -1)   # [T·k, I]
+        h13 = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)                # [T·k, 2I]
+        # split first, then fp32 (the same values): compiled, the backward joins the halves' gradients once, in
+        # bf16. With `.float()` before the split, Inductor's code for one layer (seen on the CPU; stop 29) wrote
+        # them as an fp32 [T·k, 2I] buffer and then twice in bf16, once per backward GEMM
+        gate, up = (t.float() for t in h13.chunk(2, -1))                              # [T·k, I] each
         hid = swiglu(gate, up, self.experts[0].limit) * w.flatten()[order, None]
         out = torch._grouped_mm(hid.to(x.dtype), w2.transpose(-2, -1), offs=offs)   # [T·k, D]
         if self.dispatch == "gather":
