@@ -83,6 +83,8 @@ def test_moe_dispatch_forms_equal(monkeypatch):
     got = _moe_run(moe, moe, x)
     assert sum(n.startswith("experts.") for n in got[2]) > moe.n_experts       # the routed experts' gradients
     _assert_close(got, ref, 1e-5)
+    monkeypatch.setattr(MoE, "split_first", False)                          # cast before the split: same values
+    _assert_close(_moe_run(moe, moe, x), got, 1e-6)
 
 
 def test_moe_gather_dispatch_compiles_to_one_graph(monkeypatch):

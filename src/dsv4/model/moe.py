@@ -91,9 +91,12 @@ class MoE(nn.Module):
     (grouped on CUDA in plain numerics, loop otherwise). Both give the same result up to summation order.
     `dispatch` picks how the grouped path moves rows and weights: 'gather' (`expert_dispatch`: one copy per
     stacked weight, gathers both ways, no atomics) or 'index_add' (the form before stop 29: stack + cat of the
-    weights, x[tok] and an fp32 index_add back), kept for the A/B."""
+    weights, x[tok] and an fp32 index_add back), kept for the A/B. `split_first`: w1‖w3's output split before
+    its fp32 cast (the same values; see `_routed_grouped`), False: cast first, as before — not yet timed on a GPU
+    (`benchmarks/switch_ab.py --variants "default:;cast_first:MoE.split_first=0"`)."""
     impl = "auto"
     dispatch = "gather"
+    split_first = True
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -183,7 +186,10 @@ class MoE(nn.Module):
         # split first, then fp32 (the same values): compiled, the backward joins the halves' gradients once, in
         # bf16. With `.float()` before the split, Inductor's code for one layer (seen on the CPU; stop 29) wrote
         # them as an fp32 [T·k, 2I] buffer and then twice in bf16, once per backward GEMM
-        gate, up = (t.float() for t in h13.chunk(2, -1))                              # [T·k, I] each
+        if self.split_first:
+            gate, up = (t.float() for t in h13.chunk(2, -1))                          # [T·k, I] each
+        else:
+            gate, up = h13.float().chunk(2, -1)
         hid = swiglu(gate, up, self.experts[0].limit) * w.flatten()[order, None]
         out = torch._grouped_mm(hid.to(x.dtype), w2.transpose(-2, -1), offs=offs)   # [T·k, D]
         if self.dispatch == "gather":
