@@ -114,6 +114,17 @@ def build(cfg) -> Transformer:
     return model.to(device="cuda", dtype=torch.bfloat16)
 
 
+def compiled_model(cfg):
+    """The bench model with bf16 head (as the transformers baseline) and compiled blocks, the training rows at
+    b2x4096 only -> (model, measured bf16 peak): the A/B scripts' headline-row setup."""
+    global TRAIN_SHAPES
+    model = build(cfg)
+    Transformer.head_fp32 = False
+    TRAIN_SHAPES = [(2, 4096)]
+    compile_blocks(model)
+    return model, matmul_peak()
+
+
 def train_flops_per_token(cfg, seq: int) -> float:
     """6 x (active matmul parameters, embedding excluded) + attention products (fwd 4·h·d per attended key,
     x3 with backward), counted per layer type at the average number of keys a query attends."""

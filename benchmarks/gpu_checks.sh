@@ -44,8 +44,8 @@
 #            compiled without a graph, b2, off / on); if it wins, make AsOp.enabled the default   (~8 min cold)
 #   profile  the compiled + CUDA-graph b2x4096 step under torch.profiler (profile_step.py)  (~4 min cold)
 #   switch   benchmarks/switch_ab.py: eager checks of each variant against the baseline, then the headline row per
-#            variant with its compiled blocks held against the eager step first (stop 29: MoE.dispatch gather vs
-#            index_add, AsOp on; SWITCH_VARIANTS overrides the variants)                          (~7 min cold)
+#            variant with its compiled blocks held against the eager step first (default variants: stop 29's
+#            MoE.dispatch index_add, AsOp on, bf16_split on; SWITCH_VARIANTS overrides them)       (~7 min cold)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
 #            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)

@@ -34,9 +34,8 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 import bench_gpu  # noqa: E402
-from bench_gpu import build, log, rel_diff, timed_device  # noqa: E402
-from dsv4.compiling import compile_blocks  # noqa: E402
-from dsv4.model import Transformer, ce_kernel, head_loss, sparse_attention_bwd  # noqa: E402
+from bench_gpu import log, rel_diff, timed_device  # noqa: E402
+from dsv4.model import ce_kernel, head_loss, sparse_attention_bwd  # noqa: E402
 from dsv4.model.attention import Attention  # noqa: E402
 from dsv4.model.grouped_output import grouped_output, plain_output  # noqa: E402
 from dsv4.model.layers import Rotary  # noqa: E402
@@ -140,18 +139,8 @@ def op(cfg, s: int = 4096) -> None:
     use(True)
 
 
-def compiled_model(cfg):
-    """The bench model with bf16 head (as bench_gpu.py and the transformers baseline) and compiled blocks, the
-    rows at b2x4096 only -> (model, measured bf16 peak)."""
-    model = build(cfg)
-    Transformer.head_fp32 = False
-    bench_gpu.TRAIN_SHAPES = [(2, 4096)]
-    compile_blocks(model)
-    return model, bench_gpu.matmul_peak()
-
-
 def train(cfg, deadline: float) -> None:
-    model, peak = compiled_model(cfg)
+    model, peak = bench_gpu.compiled_model(cfg)
     for label, now, output in (("now", True, "cuda"), ("now without grouped_output", True, ""),
                                ("before", False, "")):
         if time.time() > deadline:
@@ -168,7 +157,7 @@ def train(cfg, deadline: float) -> None:
 
 def attnop(cfg, deadline: float) -> None:
     from dsv4.model import sparse_attention
-    model, peak = compiled_model(cfg)
+    model, peak = bench_gpu.compiled_model(cfg)
     for graph in (True, False):
         for on in (False, True):
             if time.time() > deadline:

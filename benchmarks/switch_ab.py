@@ -30,7 +30,6 @@ import torch  # noqa: E402
 
 import bench_gpu  # noqa: E402
 from bench_gpu import build, grads_rel_diff, log, loss_and_grads  # noqa: E402
-from dsv4.compiling import compile_blocks  # noqa: E402
 from dsv4.model import Transformer, hc_pre_kernel, sparse_attention  # noqa: E402
 from dsv4.model.attention import Attention  # noqa: E402
 from dsv4.model.mhc import Fusion  # noqa: E402
@@ -107,11 +106,7 @@ def check(cfg, variants, defaults) -> tuple[float, dict[str, torch.Tensor]]:
 def train(cfg, variants, defaults, deadline: float, ref) -> None:
     """The headline row per variant; with `ref` (from `check`) each variant's compiled blocks first take one step
     without a graph at the check's shape, held against the eager baseline (the same blocks then run the row)."""
-    model = build(cfg)                             # the same weights as check's (build seeds them)
-    Transformer.head_fp32 = False                  # bf16 head, as bench_gpu.py and the transformers baseline
-    bench_gpu.TRAIN_SHAPES = [CHECK_SHAPE]
-    compile_blocks(model)
-    peak = bench_gpu.matmul_peak()
+    model, peak = bench_gpu.compiled_model(cfg)   # the same weights as check's (build seeds them), b2x4096
     for label, sets in variants + variants[:1]:    # the baseline again at the end: the run's own spread
         if time.time() > deadline:
             return

@@ -58,11 +58,9 @@ def _stack_setup(ctx, inputs, output):
 def _stack_backward(ctx, g13, g2):
     """Each expert's gradient: its slot of the stacked gradient, a view (cast where the weights are another
     dtype)."""
-    I, cast = ctx.inter, (lambda gs: [g.to(ctx.dtype) for g in gs])
-    d1, d3, d2 = list(g13[:, :I].unbind(0)), list(g13[:, I:].unbind(0)), list(g2.unbind(0))
-    if g13.dtype != ctx.dtype:
-        d1, d3, d2 = cast(d1), cast(d3), cast(d2)
-    return d1, d3, d2, None
+    I = ctx.inter
+    grads = [g13[:, :I].unbind(0), g13[:, I:].unbind(0), g2.unbind(0)]               # w1, w3, w2 per expert
+    return *([g.to(ctx.dtype) for g in gs] for gs in grads), None                   # (.to: no copy in-dtype)
 
 
 _stack_op.register_autograd(_stack_backward, setup_context=_stack_setup)

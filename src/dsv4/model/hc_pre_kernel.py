@@ -145,20 +145,19 @@ if triton is not None:
             ks = k0 + tl.arange(0, BD)
             k_ok = ks < k_hi
             x = tl.load(H + rows[:, None] * K + ks[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.)
+            xf = x.to(tl.float32)
             if PIECES:
                 for p in tl.static_range(PIECES):
                     wc = tl.load(W + p * NW * K + cc[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)
                     wp = tl.load(W + p * NW * K + (NC + cp)[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)
                     acc_c = _dot_bf16(x, wc, acc_c, INTERPRETED)
                     acc_p = _dot_bf16(x, wp, acc_p, INTERPRETED)
-                x = x.to(tl.float32)
             else:
-                x = x.to(tl.float32)
                 wc = tl.load(W + cc[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)          # [BD, NC]
                 wp = tl.load(W + (NC + cp)[None, :] * K + ks[:, None], mask=k_ok[:, None], other=0.)   # [BD, NPP]
-                acc_c += tl.dot(x, wc, input_precision=PREC)
-                acc_p += tl.dot(x, wp, input_precision=PREC)
-            ss += tl.sum(x * x, axis=1)
+                acc_c += tl.dot(xf, wc, input_precision=PREC)
+                acc_p += tl.dot(xf, wp, input_precision=PREC)
+            ss += tl.sum(xf * xf, axis=1)
         return acc_c, acc_p, ss
 
     @triton.jit
