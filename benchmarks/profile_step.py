@@ -54,7 +54,7 @@ def table(prof, n: int = 40) -> str:
 
 
 def profile_train(model, out: Path, b: int, s: int, compiled: bool = False, graph: bool = False,
-                  full_logits: bool = False) -> None:
+                  full_logits: bool = False, mtp: bool = True) -> None:
     from dsv4.train.graphed import GraphedStep
     model.train()
     ids = torch.randint(0, model.cfg.vocab_size, (b, s + 1), device="cuda")
@@ -64,7 +64,7 @@ def profile_train(model, out: Path, b: int, s: int, compiled: bool = False, grap
         compile_blocks(model)                            # the MTP block too, as `dsv4 train --compile` does
 
     from bench_gpu import make_loss                      # the loss of the README table's training rows
-    loss = make_loss(model, mtp=not full_logits, chunked_loss=not full_logits)
+    loss = make_loss(model, mtp=mtp and not full_logits, chunked_loss=not full_logits)
     x, y = ids[:, :-1], ids[:, 1:]                       # s tokens in, s targets
     graphed = GraphedStep(model, loss, warmup=2, accumulate=False) if graph else None
 
@@ -224,10 +224,13 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--full-logits", action="store_true",
                     help="train*: LM cross-entropy over full logits, no MTP (the transformers baseline's loss)")
+    ap.add_argument("--no-mtp", action="store_true",
+                    help="train*: the fused head loss without MTP (the README's headline training row)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build(load_config(args.config))
+    kw = dict(full_logits=args.full_logits, mtp=not args.no_mtp)     # the training profiles' loss
     if "fp32" in args.what.split(","):
         decode_fp32(model, out)
     if "decode" in args.what.split(","):
@@ -235,13 +238,13 @@ def main() -> int:
     if "compiled" in args.what.split(","):
         decode_compiled(model, out)
     if "train" in args.what.split(","):
-        profile_train(model, out, args.batch, args.seq, full_logits=args.full_logits)
+        profile_train(model, out, args.batch, args.seq, **kw)
     if "train_graph" in args.what.split(","):
-        profile_train(model, out, args.batch, args.seq, full_logits=args.full_logits, graph=True)
+        profile_train(model, out, args.batch, args.seq, **kw, graph=True)
     if "train_compiled" in args.what.split(","):
-        profile_train(model, out, args.batch, args.seq, full_logits=args.full_logits, compiled=True)
+        profile_train(model, out, args.batch, args.seq, **kw, compiled=True)
     if "train_compiled_graph" in args.what.split(","):                 # (compiled once for both)
-        profile_train(model, out, args.batch, args.seq, full_logits=args.full_logits, compiled=True, graph=True)
+        profile_train(model, out, args.batch, args.seq, **kw, compiled=True, graph=True)
     print(json.dumps({"done": True}))
     return 0
 
