@@ -4,7 +4,7 @@ Each variant is a set of class-attribute switches (`Class.attr=value` with the c
 variant is the baseline and runs again last, so the spread of one form over the run is beside the differences:
 
     python benchmarks/switch_ab.py --out DIR [--sections check,train] [--budget-s 400]
-        [--variants "default:;index_add:MoE.dispatch=index_add;attnop:AsOp.enabled=1;bf16_split:HcPre.bf16_split=1"]
+        [--variants "default:;hca_atomic:AttnBwd.hca_dkv=atomic;fwd_stages2:AttnFwd.stages=2"]
 
   check  per variant, the LM loss and all gradients of one eager b2x4096 step against the baseline variant's,
          next to the baseline against itself (the run-to-run floor: the attention backward's atomic adds make two
@@ -31,14 +31,18 @@ import torch  # noqa: E402
 import bench_gpu  # noqa: E402
 from bench_gpu import build, grads_rel_diff, log, loss_and_grads  # noqa: E402
 from dsv4.model import Transformer, hc_pre_kernel, sparse_attention  # noqa: E402
+from dsv4.model import sparse_attention_bwd, sparse_attention_fwd  # noqa: E402
 from dsv4.model.attention import Attention  # noqa: E402
 from dsv4.model.mhc import Fusion  # noqa: E402
 from dsv4.model.moe import MoE  # noqa: E402
 
 CLASSES = {"MoE": MoE, "AsOp": sparse_attention.AsOp, "Attention": Attention, "Fusion": Fusion,
-           "HcPre": hc_pre_kernel.Config}
-DEFAULT_VARIANTS = ("default:;index_add:MoE.dispatch=index_add;attnop:AsOp.enabled=1;"
-                    "bf16_split:HcPre.bf16_split=1")
+           "HcPre": hc_pre_kernel.Config, "AttnFwd": sparse_attention_fwd.Config,
+           "AttnBwd": sparse_attention_bwd.Config}
+# stop 30: the HCA entries' dk by GEMMs (default) against atomic adds, 32-entry HCA steps now that the atomics
+# are gone, and the forward's walks pipelined in 2 stages (stop 27's kernel sweep: CSA 0.99 -> 0.90 ms, H200)
+DEFAULT_VARIANTS = ("default:;hca_atomic:AttnBwd.hca_dkv=atomic;hca_bn32:AttnBwd.walk_block_hca=32;"
+                    "fwd_stages2:AttnFwd.stages=2")
 
 
 def parse_variants(spec: str) -> list[tuple[str, dict[tuple[str, str], object]]]:

@@ -82,11 +82,12 @@ def test_fused_gradients_equal_reference(monkeypatch):
     assert any("attn_sink" in n for n in grads[0])
 
 
-@pytest.mark.parametrize("window_dkv,pick_dkv,heads", [("keys", "gemm", 4), ("atomic", "atomic", 4),
-                                                        ("keys", "atomic", 32), ("atomic", "gemm", 32)])
-def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv, pick_dkv, heads):
-    """The Triton backward (per token and group of 16 heads over exactly its keys; the CSA entries' dK by GEMMs
-    over the picks' coefficients or by atomic adds; the window's dKV per key block or by atomic adds) gives the
+@pytest.mark.parametrize("window_dkv,pick_dkv,hca_dkv,heads", [
+    ("keys", "gemm", "gemm", 4), ("atomic", "atomic", "atomic", 4), ("keys", "atomic", "gemm", 32),
+    ("atomic", "gemm", "atomic", 32)])
+def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv, pick_dkv, hca_dkv, heads):
+    """The Triton backward (per token and group of 16 heads over exactly its keys; the CSA and HCA entries' dK
+    by GEMMs over each token's coefficients or by atomic adds; the window's dKV per key block or by atomic adds) gives the
     reference path's gradients: every parameter, sinks included. 4 heads fill part of one group; 32 heads are two
     groups, as V4's 64 / 128 heads are several. (Groups are ≥ 16 heads: a Triton dot needs 16 rows; the
     interpreter would also take fewer, a GPU compile does not.) On the CPU it runs under Triton's interpreter
@@ -96,7 +97,11 @@ def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv
         pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1 on the CPU)")
     monkeypatch.setattr(sparse_attention_bwd.Config, "window_dkv", window_dkv)
     monkeypatch.setattr(sparse_attention_bwd.Config, "pick_dkv", pick_dkv)
+    monkeypatch.setattr(sparse_attention_bwd.Config, "hca_dkv", hca_dkv)
     monkeypatch.setattr(sparse_attention_bwd.Config, "gemm_chunk_elems", 1 << 12)   # several token chunks
+    used = []                                           # which form computed each HCA layer's entries' dK
+    real_hca = sparse_attention_bwd.hca_dcomp
+    monkeypatch.setattr(sparse_attention_bwd, "hca_dcomp", lambda *a: used.append(1) or real_hca(*a))
     monkeypatch.setattr(Attention, "fused_training", True)
     monkeypatch.setattr(sparse_attention.Backward, "triton", True)
     monkeypatch.setattr(sparse_attention.Forward, "triton", False)      # (both Triton kernels: test below)
@@ -105,6 +110,7 @@ def test_triton_backward_equals_reference(flex_anywhere, monkeypatch, window_dkv
     grads = _reference_and_fused_grads(model, ids, monkeypatch)
     for n, g in grads[0].items():     # 3e-4: fp32 atomic adds in another order (seen on CUDA: 1.04e-4, embed.weight)
         assert float((grads[1][n] - g).norm()) <= 3e-4 * float(g.norm()) + 1e-9, n
+    assert bool(used) == (hca_dkv == "gemm")           # the HCA layer (ratio 16) took the form asked for
 
 
 def test_kernel_failure_falls_back_to_reference(flex_anywhere, monkeypatch):
@@ -195,7 +201,7 @@ def test_triton_backward_fits_hopper_at_v4_head_counts(heads):
     ptr.update({n: "fp32" for n in ("LSE", "SINK", "DKV", "DCOMP", "DSINK", "DELTA")}, SEL="i32", COEF="bf16")
     common = {"H": heads, "HG": sab.Config.head_group, "D": 512, "IEEE": False}
     for mode in (0, 1, 2):                        # window only, HCA entries, CSA picks
-        for window_dkv, pick_coef in ((False, mode == 2), (True, False)):
+        for window_dkv, pick_coef in ((False, mode != 0), (True, False)):     # coefficients: CSA and HCA
             shared = compile_for_hopper(sab._bwd_kernel, {**common, "BN": sab.walk_block(mode), "MODE": mode,
                                                           "WINDOW_DKV": window_dkv, "PICK_COEF": pick_coef},
                                         ptr, floats=("scale",), num_warps=sab.Config.warps)

@@ -63,14 +63,15 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kernel(Q, KV, COMP, SEL, O, DO, LSE, SINK, DQ, DKV, DCOMP, DSINK, DELTA, COEF,
-                    L, window, ratio, n_sel, scale,
+                    L, window, ratio, n_sel, n_comp, scale,
                     sq_b, sq_t, sq_h, skv_b, skv_t, sc_b, sc_n, ss_b, ss_t, sl_b, sl_t,
                     H: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, MODE: tl.constexpr,
                     WINDOW_DKV: tl.constexpr, PICK_COEF: tl.constexpr, IEEE: tl.constexpr):
         """One token, one group of HG heads: dq over its window band then its compressed entries; dcomp by
-        atomic adds, or with PICK_COEF (CSA) each pick's coefficients scale·dS and p written to COEF [b, L, k, 2H]
-        for pick_dcomp's GEMMs; the window's dkv by atomic adds only if WINDOW_DKV (otherwise
-        _dkv_window_kernel)."""
+        atomic adds, or with PICK_COEF each entry's coefficients scale·dS and p written to COEF for GEMMs: CSA
+        (MODE 2) per pick as [b, L, k, 2H] (pick_dcomp), HCA (MODE 1) per entry as [b, 2, n_comp, L, H]
+        (hca_dcomp; entries the token does not see stay as the caller zeroed them); the window's dkv by atomic
+        adds only if WINDOW_DKV (otherwise _dkv_window_kernel)."""
         t, b = tl.program_id(0), tl.program_id(1)
         heads = tl.program_id(2) * HG + tl.arange(0, HG)
         hm = heads < H
@@ -103,11 +104,16 @@ if triton is not None:
                 k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
                 p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & hm[:, None], scale, IEEE)
                 dq += _dot(ds.to(k.dtype), k, IEEE)
-                if PICK_COEF:                                         # [HG, BN] -> COEF[b, t, start+j, (0|H)+h]
+                if PICK_COEF and MODE == 2:                           # [HG, BN] -> COEF[b, t, start+j, (0|H)+h]
                     cf = COEF + ((b * L + t) * n_sel + start + tl.arange(0, BN))[None, :] * (2 * H) + heads[:, None]
                     cm = ok[None, :] & hm[:, None]
                     tl.store(cf, (ds * scale).to(COEF.dtype.element_ty), mask=cm)
                     tl.store(cf + H, p.to(COEF.dtype.element_ty), mask=cm)
+                elif PICK_COEF:                                       # [HG, BN] -> COEF[b, (0|1), jc, t, h]
+                    cf = COEF + ((2 * b * n_comp + jc[None, :]) * L + t) * H + heads[:, None]
+                    cm = ok[None, :] & hm[:, None]
+                    tl.store(cf, (ds * scale).to(COEF.dtype.element_ty), mask=cm)
+                    tl.store(cf + n_comp * L * H, p.to(COEF.dtype.element_ty), mask=cm)
                 else:
                     tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :],
                                   _dk(q, do, p, ds, scale, IEEE), mask=ok[:, None])
@@ -182,6 +188,12 @@ class Config:
                               # or 'index' (ATen's index_put). H200, compiled + graph b2×4096 step with the head
                               # loss's g·dW kernel: 75.2 -> 72.8 ms (stop 28, output_step_ab.py)
     gemm_max_entries = 4096   # compressed entries (CSA: 16K tokens) up to which pick_dkv='gemm' applies
+    hca_dkv = "gemm"          # the HCA entries' dk: 'gemm' (each token's coefficients per entry, summed by
+                              # `hca_dcomp`'s GEMMs) or 'atomic' (the per-token kernel's fp32 atomic adds: every
+                              # token of a sequence adds into the same few entries, L/128 of them — H100, b2×4096,
+                              # an HCA layer's _bwd_kernel 1.14 ms against 0.40 for a window layer, stop 30)
+    hca_gemm_max_elems = 1 << 27  # coefficient elements (b · 2 · entries · L · heads; 256 MB in bf16) up to
+                              # which hca_dkv='gemm' applies: they grow as L²/128
     gemm_chunk_elems = 1 << 27  # elements of one chunk's dense pick matrix (256 MB in bf16)
     key_block = 32            # keys per _dkv_window_kernel program
     token_block = 2           # tokens per step of its loop (× head_group = rows of its dots)
@@ -263,6 +275,22 @@ def pick_dcomp(coef: torch.Tensor, sel: torch.Tensor, q: torch.Tensor, do: torch
     return dcomp
 
 
+def hca_dcomp(coef: torch.Tensor, q: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """The HCA entries' dk from each token's coefficients, by GEMMs instead of atomic adds:
+
+        dcomp[j] = Σ_t Σ_h coef[0, j, t, h] · q[t, h] + coef[1, j, t, h] · dO[t, h]
+
+    coef [b, 2, n_entries, L, H] (scale·dS, then p; zero where token t does not see entry j), q/do [b, L, H, d]
+    -> dcomp [b, n_entries, d] fp32: per sequence two GEMMs [n_entries, L·H] @ [L·H, d] on tensor cores (bf16
+    in, fp32 accumulated), reading q and dO once."""
+    b, _, n, L, h = coef.shape
+    dcomp = torch.empty(b, n, q.shape[-1], dtype=torch.float32, device=q.device)
+    for i in range(b):
+        addmm32_(dcomp[i], coef[i, 0].flatten(1), q[i].flatten(0, 1), beta=0.0)
+        addmm32_(dcomp[i], coef[i, 1].flatten(1), do[i].flatten(0, 1))
+    return dcomp
+
+
 def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     """Gradients of the sparse MQA: q/o/do [b,L,h,d] (o: the forward's output), kv [b,L,d], comp [b,N,d] or None, sel [b,L,k] or None,
     lse [b,L,h] fp32 (sink in the denominator), sink [h] -> dq (q's dtype), dkv, dcomp (fp32), dsink [h]."""
@@ -273,18 +301,26 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
     dq = torch.empty_like(q)
     by_keys = Config.window_dkv == "keys"
     dkv = (torch.empty if by_keys else torch.zeros)(b, L, d, dtype=torch.float32, device=q.device)
-    pick_gemm = mode == 2 and Config.pick_dkv == "gemm" and comp_c.shape[1] <= Config.gemm_max_entries
-    dcomp = torch.zeros(comp_c.shape, dtype=torch.float32, device=q.device) if mode and not pick_gemm else dkv
-    coef = q.new_empty(b, L, sel_c.shape[-1], 2 * h) if pick_gemm else dkv      # (dkv: a placeholder pointer)
+    n_comp = comp_c.shape[1] if mode else 0
+    pick_gemm = mode == 2 and Config.pick_dkv == "gemm" and n_comp <= Config.gemm_max_entries
+    hca_gemm = mode == 1 and Config.hca_dkv == "gemm" and b * 2 * n_comp * L * h <= Config.hca_gemm_max_elems
+    dcomp = torch.zeros(comp_c.shape, dtype=torch.float32, device=q.device) if mode and not (pick_gemm or hca_gemm) \
+        else dkv                                                                # (dkv: a placeholder pointer)
+    if pick_gemm:
+        coef = q.new_empty(b, L, sel_c.shape[-1], 2 * h)
+    elif hca_gemm:
+        coef = q.new_zeros(b, 2, n_comp, L, h)                                  # zero: entries a token does not see
+    else:
+        coef = dkv                                                              # a placeholder pointer
     dsink = torch.empty(b, L, h, dtype=torch.float32, device=q.device)
     delta = torch.empty(b, L, h, dtype=torch.float32, device=q.device)          # D_h per token, for both kernels
     HG, ieee = Config.head_group, q.dtype == torch.float32
     _bwd_kernel[(L, b, triton.cdiv(h, HG))](
         q, kv, comp_c, sel_c, o, do, lse, sink.float().contiguous(), dq, dkv, dcomp, dsink, delta, coef,
-        L, window, ratio, sel_c.shape[-1], d ** -0.5,
+        L, window, ratio, sel_c.shape[-1], n_comp, d ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
         comp_c.stride(0), comp_c.stride(1), sel_c.stride(0), sel_c.stride(1), lse.stride(0), lse.stride(1),
-        H=h, HG=HG, D=d, BN=walk_block(mode), MODE=mode, WINDOW_DKV=not by_keys, PICK_COEF=pick_gemm,
+        H=h, HG=HG, D=d, BN=walk_block(mode), MODE=mode, WINDOW_DKV=not by_keys, PICK_COEF=pick_gemm or hca_gemm,
         IEEE=ieee,
         num_warps=Config.warps)
     if by_keys:
@@ -295,5 +331,7 @@ def backward(q, kv, comp, sel, o, do, lse, sink, window: int, ratio: int):
                                                     TB=Config.token_block, IEEE=ieee,
                                                     num_warps=Config.window_warps)
     if pick_gemm:
-        dcomp = pick_dcomp(coef, sel_c, q, do, comp_c.shape[1], ratio)
+        dcomp = pick_dcomp(coef, sel_c, q, do, n_comp, ratio)
+    elif hca_gemm:
+        dcomp = hca_dcomp(coef, q, do)
     return dq, dkv, (dcomp if mode else None), dsink.sum((0, 1))
