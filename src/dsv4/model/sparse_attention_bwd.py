@@ -9,16 +9,19 @@ softmax weights (sink included in the denominator, LSE saved by the forward) and
     dsink_h = −Σ_t p_sink,th · D_th
 
 Two kernels. `_bwd_kernel`: one program per token and group of 16 heads (the heads share every key: MQA; 16
-rows × head_dim 512 tiles fit in shared memory at any head count) walks exactly the keys that token sees — its window band, then its CSA picks (gathered one by one) or its visible HCA
-entries — for dq, dsink and D; the HCA entries' dk go to an fp32 buffer by atomic adds, the CSA entries' dk
-are written as each pick's coefficients (scale·dS and p per head) and summed by GEMMs (`pick_dcomp`; the
-atomic adds of the first version remain as Config.pick_dkv = 'atomic'; H100, b2×4096: a CSA layer's backward
-6.1 → 3.3 ms at 16 heads, 22.3 → 11.5 ms at 64). `_dkv_window_kernel`: one program per block of raw keys loops over the tokens whose window holds
-them (a band) and writes their dk once, without atomics (window_dkv='atomic' instead adds them from the first
-kernel, the first version: 2.8× slower on window layers). The forward is sparse_attention_fwd.py's. The same
-walk per block of compressed entries (every token that sees them, or a membership table of the CSA picks) was
-measured on the H100 and removed: a CSA layer's backward took 74 ms against 8.5 ms with the atomic adds
-(b2×4096, 16 heads), an HCA layer's 2.5 against 2.1 ms.
+rows × head_dim 512 tiles fit in shared memory at any head count) walks exactly the keys that token sees — its
+window band, then its CSA picks (gathered one by one) or its visible HCA entries — for dq, dsink and D. The
+compressed entries' dk are written as coefficients (scale·dS and p per head) and summed by GEMMs: the CSA
+picks' per pick (`pick_dcomp`; the atomic adds of the first version remain as Config.pick_dkv = 'atomic';
+H100, b2×4096: a CSA layer's backward 6.1 → 3.3 ms at 16 heads, 22.3 → 11.5 ms at 64), the HCA entries' per
+entry (`hca_dcomp`; Config.hca_dkv = 'atomic' for the atomic adds: as fast at the bench shape, but not the
+same sum twice). `_dkv_window_kernel`: one program per block of raw keys loops over the tokens whose window
+holds them (a band) and writes their dk once, without atomics (window_dkv='atomic' instead adds them from the
+first kernel, the first version: 2.8× slower on window layers). So at the bench shape no atomic add is left
+and two runs give the same gradients bit for bit (H100, stop 30). The forward is sparse_attention_fwd.py's.
+The same walk per block of compressed entries (every token that sees them, or a membership table of the CSA
+picks) was measured on the H100 and removed: a CSA layer's backward took 74 ms against 8.5 ms with the atomic
+adds (b2×4096, 16 heads), an HCA layer's 2.5 against 2.1 ms.
 """
 from __future__ import annotations
 
@@ -189,16 +192,19 @@ class Config:
                               # loss's g·dW kernel: 75.2 -> 72.8 ms (stop 28, output_step_ab.py)
     gemm_max_entries = 4096   # compressed entries (CSA: 16K tokens) up to which pick_dkv='gemm' applies
     hca_dkv = "gemm"          # the HCA entries' dk: 'gemm' (each token's coefficients per entry, summed by
-                              # `hca_dcomp`'s GEMMs) or 'atomic' (the per-token kernel's fp32 atomic adds: every
-                              # token of a sequence adds into the same few entries, L/128 of them — H100, b2×4096,
-                              # an HCA layer's _bwd_kernel 1.14 ms against 0.40 for a window layer, stop 30)
+                              # `hca_dcomp`'s GEMMs) or 'atomic' (the per-token kernel's fp32 atomic adds into the
+                              # same L/128 entries from every token). H100, compiled + CUDA-graph step at b2×4096
+                              # (stop 30): 73.90 vs 73.86 ms, equal; but with 'gemm' no atomic add is left in the
+                              # attention backward, so two runs give the same gradients bit for bit
     hca_gemm_max_elems = 1 << 27  # coefficient elements (b · 2 · entries · L · heads; 256 MB in bf16) up to
                               # which hca_dkv='gemm' applies: they grow as L²/128
     gemm_chunk_elems = 1 << 27  # elements of one chunk's dense pick matrix (256 MB in bf16)
     key_block = 32            # keys per _dkv_window_kernel program
     token_block = 2           # tokens per step of its loop (× head_group = rows of its dots)
     walk_block = 32           # keys per step of _bwd_kernel's walk (window band, then entries) …
-    walk_block_hca = 16       # … in HCA layers (≤ L/128 visible entries: 32-key steps were slower there)
+    walk_block_hca = 32       # … in HCA layers (≤ L/128 visible entries). 16 while their dk went by atomic
+                              # adds (32 was slower then); with hca_dkv='gemm', H100, compiled + CUDA-graph step
+                              # at b2×4096: 73.9 -> 73.2 ms at 32 (stop 30, benchmarks/switch_ab.py)
     warps = 4                 # num_warps of _bwd_kernel
     window_warps = 4          # num_warps of _dkv_window_kernel
     # H100, b2×4096, 16 heads (fused_attention_ab.py --sections tiles; benchmarks/results/2026-11-24_h100_stop18):
