@@ -42,10 +42,13 @@
 #   attnop   the attention's training call as a custom op (sparse_attention.AsOp, opt-in since stop 28: no graph
 #            break per block): its CUDA tests, then output_step_ab.py --sections attnop (compiled + graph and
 #            compiled without a graph, b2, off / on); if it wins, make AsOp.enabled the default   (~8 min cold)
-#   profile  the compiled + CUDA-graph b2x4096 step under torch.profiler (profile_step.py)  (~4 min cold)
+#   profile  the README's headline step (compiled + CUDA graph, b2x4096, LM loss, no MTP) under torch.profiler
+#            (profile_step.py --no-mtp), grouped by kind of kernel (profile_summary.py)           (~4 min cold)
 #   switch   benchmarks/switch_ab.py: eager checks of each variant against the baseline, then the headline row per
-#            variant with its compiled blocks held against the eager step first (default variants: stop 29's
-#            MoE.dispatch index_add, AsOp on, bf16_split on; SWITCH_VARIANTS overrides them)       (~7 min cold)
+#            variant with its compiled blocks held against the eager step first (default variants: stop 30's
+#            old forms — HCA dk by atomic adds, 16-entry HCA steps — and 2-stage forward walks; SWITCH_VARIANTS
+#            overrides them)
+#            (~6 min cold)
 #   table    the README speed table: dsv4 and transformers side by side (bench_side_by_side.py; needs the
 #            transformers wheel: carry .whl, and first `python3 -m pip install -q --no-index --no-deps
 #            --no-compile --target /tmp/site .whl/*.whl`, then PYTHONPATH=/tmp/site)             (~7 min, alone)
@@ -168,8 +171,10 @@ want attnop && grep '^{' "$OUT/attnop_ab.log" | cut -c1-240
 want switch && step switch_ab 560 python3 benchmarks/switch_ab.py --out "$OUT/switch" --budget-s 430 \
     ${SWITCH_VARIANTS:+--variants "$SWITCH_VARIANTS"}
 want switch && grep '^{' "$OUT/switch_ab.log" | cut -c1-240
-want profile && step profile 330 python3 benchmarks/profile_step.py --out "$OUT" --what train_compiled_graph --batch 2
-want profile && head -3 "$OUT/profile_train_compiled_graph.txt"
+want profile && step profile 330 python3 benchmarks/profile_step.py --out "$OUT" --what train_compiled_graph --batch 2 \
+    --no-mtp
+want profile && python3 benchmarks/profile_summary.py "$OUT/profile_train_compiled_graph_trace.json.gz" \
+    > "$OUT/profile_kinds.md" && cat "$OUT/profile_kinds.md"
 
 # 5b. fp32 and bf16 compiled blocks against eager, gradients per parameter
 want fp32 && step compile_check 280 python3 benchmarks/compile_check.py --seq 2048 --out "$OUT"

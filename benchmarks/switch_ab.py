@@ -39,9 +39,9 @@ from dsv4.model.moe import MoE  # noqa: E402
 CLASSES = {"MoE": MoE, "AsOp": sparse_attention.AsOp, "Attention": Attention, "Fusion": Fusion,
            "HcPre": hc_pre_kernel.Config, "AttnFwd": sparse_attention_fwd.Config,
            "AttnBwd": sparse_attention_bwd.Config}
-# stop 30: the HCA entries' dk by GEMMs (default) against atomic adds, 32-entry HCA steps now that the atomics
-# are gone, and the forward's walks pipelined in 2 stages (stop 27's kernel sweep: CSA 0.99 -> 0.90 ms, H200)
-DEFAULT_VARIANTS = ("default:;hca_atomic:AttnBwd.hca_dkv=atomic;hca_bn32:AttnBwd.walk_block_hca=32;"
+# stop 30's defaults against their old forms: the HCA entries' dk by atomic adds, 16-entry HCA steps; and the
+# forward's walks pipelined in 2 stages (not adopted: no gain on top of 32-entry HCA steps)
+DEFAULT_VARIANTS = ("default:;hca_atomic:AttnBwd.hca_dkv=atomic;hca_bn16:AttnBwd.walk_block_hca=16;"
                     "fwd_stages2:AttnFwd.stages=2")
 
 
