@@ -12,7 +12,7 @@ def test_three_bf16_pieces_hold_an_fp32_value():
     leave errors near 2⁻¹⁶."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-60, 60, (4096,), generator=g).float())
-    hi, mid, lo = fl._pieces(a)
+    hi, mid, lo = fl.bf16_pieces(a)
     assert hi.dtype == mid.dtype == lo.dtype == torch.bfloat16
     err = (hi.double() + mid.double() + lo.double() - a.double()).abs()
     assert bool((err == 0).all())
@@ -26,7 +26,7 @@ def test_pieces_stay_exact_under_torch_compile():
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(2)
     a = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-60, 60, (4096,), generator=g).float())
-    hi, mid, lo = torch.compile(fl._pieces, fullgraph=True)(a)
+    hi, mid, lo = torch.compile(fl.bf16_pieces, fullgraph=True)(a)
     assert bool((hi.double() + mid.double() + lo.double() == a.double()).all())
     assert bool((mid != 0).any())
 

@@ -107,12 +107,16 @@ def test_pre_kernel_inside_torch_compile(dtype, monkeypatch):
     assert rel_diff(h.grad, hr.grad) < (1e-5 if dtype == torch.float32 else 2 ** -7)
 
 
-def test_bf16_pieces_carry_fp32():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_pieces_carry_fp32(compiled):
     """hi + mid + lo = w exactly for fp32 values over many binades (each piece bf16), and a bf16 x times the
-    pieces, summed in fp64, equals x·w: the bf16 dots lose nothing but the fp32 sums' rounding."""
+    pieces, summed in fp64, equals x·w: the bf16 dots lose nothing but the fp32 sums' rounding. Also compiled:
+    the op's body is traced into compiled blocks, and a split by rounding casts (piece = w.bfloat16(), rest =
+    w - piece.float()) compiles to mid = lo = 0 there (Inductor drops the round trip)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 512, generator=g) * torch.logspace(-8, 8, 512)
-    p = hc_pre_kernel._pieces(w)
+    torch._dynamo.reset()
+    p = (torch.compile(hc_pre_kernel._pieces, fullgraph=True) if compiled else hc_pre_kernel._pieces)(w)
     assert p.dtype == torch.bfloat16 and p.shape == (3, 64, 512)
     assert torch.equal(p[0].double() + p[1].double() + p[2].double(), w.double())
     x = torch.randn(8, 512, generator=g).bfloat16().double()

@@ -25,7 +25,7 @@ class Config:
     enabled = True       # False: the plain fp32 GEMMs (x.float() @ w.float().t()) everywhere
 
 
-def _pieces(a: torch.Tensor) -> list[torch.Tensor]:
+def bf16_pieces(a: torch.Tensor) -> list[torch.Tensor]:
     """a (bf16: itself; fp32: hi, mid, lo in bf16 with hi + mid + lo = a exactly, for normal fp32 values).
 
     Each piece is the rest with its low 16 bits cleared (truncation by a bit mask, not a rounding cast): the
@@ -76,7 +76,7 @@ def addmm32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 
 def _split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in fp32 precision, a fp32 (split into bf16 pieces) or bf16, b bf16."""
     total = None
-    for piece in _pieces(a):
+    for piece in bf16_pieces(a):
         total = _mm32(piece, b) if total is None else addmm32_(total, piece, b)
     return total
 
@@ -87,7 +87,7 @@ def mm_few_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     piece), then summed; anything else: the fp32 GEMM."""
     if not _fp32_out_gemm(b, b, torch.ops.aten.mm):
         return a.float() @ b.float()
-    return _mm32(torch.cat(_pieces(a)), b).unflatten(0, (-1, a.shape[0])).sum(0)
+    return _mm32(torch.cat(bf16_pieces(a)), b).unflatten(0, (-1, a.shape[0])).sum(0)
 
 
 class _Fp32Linear(torch.autograd.Function):

@@ -35,7 +35,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .fp32_linear import mm_few_rows
+from .fp32_linear import bf16_pieces, mm_few_rows
 from .indexer_kernel import available, triton
 
 __all__ = ["available", "supported", "hc_pre"]
@@ -71,13 +71,11 @@ def _sizes(n: int) -> tuple[int, int]:
 
 
 def _pieces(w: torch.Tensor) -> torch.Tensor:
-    """w fp32 [NW, K] -> [3, NW, K] bf16 pieces hi, mid, lo with hi + mid + lo = w to fp32's 24 significant bits
-    (each piece takes the next 8 of the remainder): a bf16 value times each piece is exact in fp32, so three bf16
-    dots give x·w as exactly as fp32 products do, the sums rounded in fp32."""
-    hi = w.to(torch.bfloat16)
-    r = w - hi.float()
-    mid = r.to(torch.bfloat16)
-    return torch.stack([hi, mid, (r - mid.float()).to(torch.bfloat16)])
+    """w fp32 [NW, K] -> [3, NW, K] bf16 pieces hi, mid, lo with hi + mid + lo = w exactly
+    (`fp32_linear.bf16_pieces`: each piece the next 8 significant bits, cut by a bit mask, so the split stays
+    exact inside a compiled graph, where this op's body is traced): a bf16 value times each piece is exact in
+    fp32, so three bf16 dots give x·w as exactly as fp32 products do, the sums rounded in fp32."""
+    return torch.stack(bf16_pieces(w))
 
 
 def _padded(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int):
