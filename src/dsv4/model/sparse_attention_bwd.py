@@ -107,16 +107,17 @@ if triton is not None:
                 k = tl.load(COMP + b * sc_b + jc[:, None] * sc_n + dims[None, :], mask=ok[:, None], other=0.)
                 p, ds = _probs_and_ds(q, do, k, lse, dacc, ok[None, :] & hm[:, None], scale, IEEE)
                 dq += _dot(ds.to(k.dtype), k, IEEE)
-                if PICK_COEF and MODE == 2:                           # [HG, BN] -> COEF[b, t, start+j, (0|H)+h]
-                    cf = COEF + ((b * L + t) * n_sel + start + tl.arange(0, BN))[None, :] * (2 * H) + heads[:, None]
+                if PICK_COEF:                                         # [HG, BN] scale·dS, then p, to COEF:
+                    if MODE == 2:                                     # [b, t, start+j, (0|H)+h]
+                        cf = COEF + ((b * L + t) * n_sel + start + tl.arange(0, BN))[None, :] * (2 * H) \
+                            + heads[:, None]
+                        p_off = H
+                    else:                                             # [b, (0|1), jc, t, h]
+                        cf = COEF + ((2 * b * n_comp + jc[None, :]) * L + t) * H + heads[:, None]
+                        p_off = n_comp * L * H
                     cm = ok[None, :] & hm[:, None]
                     tl.store(cf, (ds * scale).to(COEF.dtype.element_ty), mask=cm)
-                    tl.store(cf + H, p.to(COEF.dtype.element_ty), mask=cm)
-                elif PICK_COEF:                                       # [HG, BN] -> COEF[b, (0|1), jc, t, h]
-                    cf = COEF + ((2 * b * n_comp + jc[None, :]) * L + t) * H + heads[:, None]
-                    cm = ok[None, :] & hm[:, None]
-                    tl.store(cf, (ds * scale).to(COEF.dtype.element_ty), mask=cm)
-                    tl.store(cf + n_comp * L * H, p.to(COEF.dtype.element_ty), mask=cm)
+                    tl.store(cf + p_off, p.to(COEF.dtype.element_ty), mask=cm)
                 else:
                     tl.atomic_add(DCOMP + b * sc_b + jc[:, None] * sc_n + dims[None, :],
                                   _dk(q, do, p, ds, scale, IEEE), mask=ok[:, None])
